@@ -1,0 +1,8 @@
+import os
+import sys
+
+import torch
+
+# the tests import the top-level scripts (model.py, tasks.py, ...) as modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(1)
