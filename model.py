@@ -232,6 +232,16 @@ class KVCache:
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
 
+    def ensure(self, n):
+        """Grow (doubling) so that n slots fit: a dialogue's later turns outgrow the first guess."""
+        size = self.k.size(3)
+        if n <= size:
+            return
+        grow = max(n, 2 * size) - size
+        pad = lambda t: torch.cat([t, t.new_empty(*t.shape[:3], grow, t.size(4))], dim=3)
+        self.k, self.v = pad(self.k), pad(self.v)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1)
+
     def repeat_interleave(self, n):
         """Prefill once, then give each of the n samples of a prompt its own copy."""
         for name in ("k", "v"):
@@ -328,8 +338,8 @@ class GPT(nn.Module):
         stream: [embeddings, after block 1, ..., after block L] (the last one before ln_f)."""
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.length
-        if kv_cache is not None and start + T > kv_cache.k.size(3):
-            raise ValueError(f"KV cache holds {kv_cache.k.size(3)} positions, asked for {start + T}")
+        if kv_cache is not None:
+            kv_cache.ensure(start + T)
         if attn_mask is None and kv_cache is None:
             mask = None  # the fast path: every row is real and causal
             if positions is None:
@@ -380,53 +390,59 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=None,
-                 stop_ids=None, seed=None, eot=None):
+                 stop_ids=None, seed=None, eot=None, kv_cache=None):
         """Sample num_samples continuations of each prompt (lists of token ids, any lengths).
         Prompts are left-padded and prefilled once; the cache is then copied per sample.
-        A row stops at eot or when it ends with one of stop_ids (token-id lists).
+        A row stops at eot or when it ends with one of stop_ids (token-id lists); an empty
+        prompt is a row that generates nothing.
+        With kv_cache (a KVCache over len(prompts) rows, num_samples 1) the prompts continue
+        what the cache holds, and the cache is left holding prompts and samples: this is how a
+        multi-turn dialogue is sampled without prefilling its history again.
         Returns (tokens, mask), both (len(prompts) * num_samples, T_new), prompt-major:
         the new tokens right-padded with eot, and True on every generated token up to and
         including the one that stopped the row. temperature 0 is greedy."""
         device = self.transformer.wte.weight.device
         eot = self.config.vocab_size - 1 if eot is None else eot
-        longest = max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("every prompt needs at least one token")
-        if longest + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        longest = max(int(lengths.max()), 1)
+        past = 0 if kv_cache is None else int(kv_cache.n_real.max())
+        if past + longest + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {past + longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"block_size {self.config.block_size}; shorten the prompt or max_new_tokens")
+        if kv_cache is not None and (num_samples != 1 or kv_cache.k.size(1) != len(prompts)):
+            raise ValueError("continuing a KV cache needs one prompt per cached row and num_samples=1")
         was_training = self.training
         self.eval()
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=device).manual_seed(seed)
+        gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         B, N = len(prompts), len(prompts) * num_samples
         idx = torch.full((B, longest), eot, dtype=torch.long, device=device)
-        real = torch.zeros(B, longest, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
-            idx[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-            real[i, longest - len(p):] = True
-        dtype = self.transformer.wte.weight.dtype
-        cache = KVCache(self.config, B, longest + max_new_tokens, device, dtype)
-        logits, _ = self(idx, attn_mask=None if bool(real.all()) else real, kv_cache=cache)
+            if p:
+                idx[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        real = torch.arange(longest, device=device)[None, :] >= (longest - lengths)[:, None]
+        cache = kv_cache or KVCache(self.config, B, longest + max_new_tokens, device, self.transformer.wte.weight.dtype)
+        logits, _ = self(idx, attn_mask=real, kv_cache=cache)
         logits = logits[:, -1].repeat_interleave(num_samples, dim=0)  # (N, V)
-        cache.repeat_interleave(num_samples)
+        if num_samples > 1:
+            cache.repeat_interleave(num_samples)
         stops = [torch.tensor(s, device=device) for s in (stop_ids or [])]
         out = torch.full((N, max_new_tokens), eot, dtype=torch.long, device=device)
         mask = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=device)
-        done = torch.zeros(N, dtype=torch.bool, device=device)
+        done = (lengths == 0).repeat_interleave(num_samples)
         for t in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, gen)
-            nxt = torch.where(done, eot, nxt)
+            nxt = torch.where(done, eot, sample_next(logits, temperature, top_k, gen))
             out[:, t], mask[:, t] = nxt, ~done
-            done = done | (nxt == eot)
+            was_done, done = done, done | (nxt == eot)
             for s in stops:
                 if t + 1 >= len(s):
-                    done = done | (out[:, t + 1 - len(s):t + 1] == s).all(1)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            logits, _ = self(nxt[:, None], kv_cache=cache)
+                    done = done | (out[:, t + 1 - len(s):t + 1] == s).all(1) & mask[:, t]
+            if (bool(done.all()) or t == max_new_tokens - 1) and kv_cache is None:
+                break  # nobody will read the cache: the last tokens need not go through the model
+            # the token that stopped a row is context for a later turn; filler after it is not
+            logits, _ = self(nxt[:, None], attn_mask=~was_done[:, None], kv_cache=cache)
             logits = logits[:, -1]
+            if bool(done.all()):
+                break
         self.train(was_training)
         T_new = int(mask.sum(1).max())
         return out[:, :T_new], mask[:, :T_new]
@@ -505,7 +521,8 @@ def sample_next(logits, temperature, top_k, gen):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     cdf = logits.softmax(-1).cumsum(-1)
     u = torch.rand(logits.size(0), 1, generator=gen, device=logits.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=logits.size(-1) - 1)
+    # right=True: token i is drawn when cdf[i-1] <= u < cdf[i], never when its probability is 0
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
 
 
 def sequence_logprobs(model, idx, attn_mask=None, temperature=1.0, return_logits=False):
@@ -554,6 +571,8 @@ def read_safetensors(path):
         header = json.loads(data[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} does not start with a safetensors JSON header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} does not start with a safetensors JSON header (a JSON object of tensors)")
     body = memoryview(data)[8 + n:]
     tensors = {}
     for name, info in header.items():
@@ -599,7 +618,11 @@ def _gpt2_config(folder, tensors, file):
     n_layer = 1 + max((int(k.split(".")[1]) for k in tensors if k.startswith("h.")), default=-1)
     cfg_path = os.path.join(folder, "config.json")
     if os.path.isfile(cfg_path):
-        n_head = json.load(open(cfg_path))["n_head"]
+        hf_config = json.load(open(cfg_path))
+        n_head = hf_config["n_head"]
+        if hf_config.get("n_layer", n_layer) != n_layer:
+            raise ValueError(f"{cfg_path} says n_layer={hf_config['n_layer']}, but {file} has tensors for "
+                             f"{n_layer} layers: the file is incomplete or does not belong to this config")
     else:  # a bare file: the four OpenAI sizes have known head counts
         known = {p["n_embd"]: p["n_head"] for name, p in PRESETS.items() if name.startswith("gpt2")}
         if n_embd not in known:

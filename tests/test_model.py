@@ -1,0 +1,709 @@
+"""model.py: GPT-2 parity with Hugging Face, KV-cache sampling, log-probs, tokenizers, safetensors
+and checkpoint I/O, config parsing. Tiny random models, CPU, offline."""
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import model as M
+from model import GPT, GPTConfig
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def tiny_gpt(vocab=100, block=64, n_layer=2, seed=0):
+    """A random GPT whose every parameter (LN gains and biases too) is perturbed away from its
+    init, so a mis-mapped or untransposed tensor changes the logits."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=4, n_embd=32, vocab_size=vocab, block_size=block))
+    perturb(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def perturb(model):
+    """Large random matrices make greedy decoding of a random model vary instead of repeating
+    one token; small random vectors make LN gains and biases matter."""
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * (0.5 if p.dim() == 2 else 0.05))
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return tiny_gpt()
+
+
+def prompts_of(lengths, vocab=100, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def greedy_nocache(model, prompt, n):
+    """n greedy tokens, the whole prefix recomputed at every step (the reference)."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([seq]))
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def unused_token(rows, vocab):
+    """A token id that none of the rows contains: used as eot so that no row stops early."""
+    seen = {t for row in rows for t in row}
+    return next(t for t in range(vocab - 1, -1, -1) if t not in seen)
+
+
+def expected_length(row, eot, stops=()):
+    """How many tokens a row keeps: up to and including the first eot or completed stop sequence."""
+    for t, tok in enumerate(row):
+        if tok == eot or any(t + 1 >= len(s) and row[t + 1 - len(s):t + 1] == list(s) for s in stops):
+            return t + 1
+    return len(row)
+
+
+def check_rows(tokens, mask, refs, eot, stops=()):
+    """Row i of (tokens, mask) is refs[i] cut at its stop, then eot padding under a False mask."""
+    lengths = [expected_length(r, eot, stops) for r in refs]
+    assert tokens.shape == mask.shape == (len(refs), max(lengths))
+    for i, (ref, n) in enumerate(zip(refs, lengths)):
+        assert tokens[i, :n].tolist() == ref[:n], f"row {i}"
+        assert mask[i].tolist() == [True] * n + [False] * (tokens.size(1) - n), f"row {i}"
+        assert (tokens[i, n:] == eot).all(), f"row {i}"
+    return lengths
+
+# ---------------------------------------------------------------------------------------------
+# parity with Hugging Face GPT2LMHeadModel
+
+
+def hf_gpt2(vocab, seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=vocab,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    hf = transformers.GPT2LMHeadModel(config)
+    perturb(hf)
+    return hf.eval()
+
+
+@torch.no_grad()
+def hf_greedy(hf, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def to_hub_layout(src, dst):
+    """Rewrite a transformers-saved folder the way the hub's openai-community/gpt2 file is laid
+    out: no "transformer." prefix, plus the attn.bias / attn.masked_bias buffers."""
+    os.makedirs(dst)
+    saved = M.read_safetensors(os.path.join(src, "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in saved.items()}
+    assert not any(k.startswith("transformer.") for k in tensors)
+    n_layer, n_pos = json.load(open(os.path.join(src, "config.json")))["n_layer"], tensors["wpe.weight"].shape[0]
+    for i in range(n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    M.write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["transformers", "hub"])
+@pytest.mark.parametrize("vocab", [100, 50257])
+def test_from_pretrained_matches_hf(tmp_path, vocab, layout):
+    hf = hf_gpt2(vocab)
+    folder = str(tmp_path / "hf")
+    hf.save_pretrained(folder, safe_serialization=True)
+    if layout == "hub":
+        folder = to_hub_layout(folder, str(tmp_path / "hub"))
+    ours = GPT.from_pretrained(folder).eval()
+    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd, ours.config.vocab_size,
+            ours.config.block_size) == (2, 4, 32, vocab, 64)
+    idx = torch.randint(0, vocab, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+    prompt = idx[0, :5].tolist()
+    ref = hf_greedy(hf, prompt, 20)
+    tokens, mask = ours.generate([prompt], 20, temperature=0, eot=unused_token([ref], vocab))
+    assert tokens[0].tolist() == ref and mask.all()
+
+
+def test_save_hf_round_trip(tmp_path, gpt):
+    transformers = pytest.importorskip("transformers")
+    folder = str(tmp_path / "export")
+    gpt.save_hf(folder)
+    files = os.listdir(folder)
+    assert {"config.json", "model.safetensors"} <= set(files) and not any(f.endswith(".tmp") for f in files)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    idx = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, gpt(idx)[0], atol=1e-5, rtol=0)
+    back = GPT.from_pretrained(folder)
+    assert back.config == gpt.config
+    mine, theirs = gpt.state_dict(), back.state_dict()
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert torch.equal(mine[k], theirs[k]), k
+
+
+def test_save_hf_writes_compact_tokenizer_map(tmp_path, gpt):
+    tok = M.CompactTokenizer.from_texts(["a b c"])
+    gpt.save_hf(str(tmp_path), tokenizer=tok)
+    assert json.load(open(tmp_path / "exgrpo_tokenizer.json")) == tok.state()
+
+# ---------------------------------------------------------------------------------------------
+# forward: padding, positions, hidden states
+
+
+def left_pad(prompts, pad=0):
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad, dtype=torch.long)
+    real = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):], real[i, T - len(p):] = torch.tensor(p), True
+    return idx, real
+
+
+@torch.no_grad()
+def test_left_padded_forward_equals_rows_alone(gpt):
+    prompts = prompts_of([3, 9, 6])
+    idx, real = left_pad(prompts, pad=7)
+    logits, _, hidden = gpt(idx, attn_mask=real, return_hidden=True)
+    assert torch.isfinite(logits).all()  # pad queries too (SDPA gives NaN for a row with no key)
+    for i, p in enumerate(prompts):
+        alone, _, alone_hidden = gpt(torch.tensor([p]), return_hidden=True)
+        torch.testing.assert_close(logits[i, real[i]], alone[0], atol=1e-5, rtol=1e-5)
+        # hidden[0] = wte + wpe: equal only if the default positions of the padded row are 0..n-1
+        torch.testing.assert_close(hidden[0][i, real[i]], alone_hidden[0][0], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_explicit_positions_override_default(gpt):
+    idx = torch.tensor([prompts_of([6])[0]])
+    shifted = torch.arange(3, 9)[None]
+    h0 = gpt(idx, positions=shifted, return_hidden=True)[2][0]
+    torch.testing.assert_close(h0, gpt.transformer.wte(idx) + gpt.transformer.wpe(shifted), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_return_hidden(gpt):
+    idx = torch.tensor(prompts_of([2, 2])).view(2, 2).repeat(1, 4)  # (2, 8)
+    logits, loss, hidden = gpt(idx, return_hidden=True)
+    assert loss is None and len(hidden) == gpt.config.n_layer + 1
+    assert all(h.shape == (2, 8, 32) for h in hidden)
+    tr = gpt.transformer
+    torch.testing.assert_close(hidden[0], tr.wte(idx) + tr.wpe(torch.arange(8)), atol=0, rtol=0)
+    for layer, block in enumerate(tr.h):  # hidden[l] is the residual stream after block l
+        torch.testing.assert_close(hidden[layer + 1], block(hidden[layer], None, None, layer), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gpt.lm_head(tr.ln_f(hidden[-1])), logits, atol=0, rtol=0)
+
+
+def test_loss_ignores_minus_one(gpt):
+    idx = torch.tensor([prompts_of([8])[0]])
+    targets = torch.tensor([[5, 6, -1, 7, -1, -1, 8, 9]])
+    logits, loss = gpt(idx, targets=targets)
+    keep = targets[0] != -1
+    expected = torch.nn.functional.cross_entropy(logits[0, keep], targets[0, keep])
+    torch.testing.assert_close(loss, expected)
+
+# ---------------------------------------------------------------------------------------------
+# generation
+
+
+def test_cached_equals_uncached_greedy(gpt):
+    prompts = prompts_of([4, 11, 7, 1])
+    refs = [greedy_nocache(gpt, p, 15) for p in prompts]
+    eot = unused_token(refs, 100)
+    tokens, mask = gpt.generate(prompts, 15, temperature=0, eot=eot)  # one left-padded batch
+    assert torch.equal(tokens, torch.tensor(refs)) and mask.all()
+    for p, ref in zip(prompts, refs):  # and each row alone
+        alone, _ = gpt.generate([p], 15, temperature=0, eot=eot)
+        assert torch.equal(alone[0], torch.tensor(ref))
+
+
+def test_generate_restores_training_mode(gpt):
+    gpt.train()
+    try:
+        gpt.generate(prompts_of([3]), 2, temperature=0)
+        assert gpt.training
+    finally:
+        gpt.eval()
+
+
+def test_sampling_reproducible_with_seed(gpt):
+    prompts = prompts_of([3, 6])
+    a = gpt.generate(prompts, 12, num_samples=3, temperature=1.0, seed=123)
+    b = gpt.generate(prompts, 12, num_samples=3, temperature=1.0, seed=123)
+    c = gpt.generate(prompts, 12, num_samples=3, temperature=1.0, seed=124)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_num_samples_rows_are_prompt_major(gpt):
+    prompts = prompts_of([5, 8])
+    refs = [greedy_nocache(gpt, p, 6) for p in prompts]
+    assert refs[0] != refs[1]
+    tokens, _ = gpt.generate(prompts, 6, num_samples=3, temperature=0, eot=unused_token(refs, 100))
+    assert tokens.tolist() == [refs[0]] * 3 + [refs[1]] * 3
+    # sampled: the 3 samples of a prompt differ from each other (each row has its own cache copy)
+    sampled, _ = gpt.generate(prompts, 10, num_samples=3, temperature=2.0, seed=0, eot=unused_token(refs, 100))
+    assert len({tuple(r) for r in sampled[:3].tolist()}) > 1
+
+
+def test_row_stops_at_eot(gpt):
+    prompts = prompts_of([4, 6])
+    refs = [greedy_nocache(gpt, p, 10) for p in prompts]
+    # eot := row 0's 4th token (absent from its first 3): row 0 must stop there, mask through it
+    eot = next(refs[0][t] for t in range(3, 10) if refs[0][t] not in refs[0][:t])
+    tokens, mask = gpt.generate(prompts, 10, temperature=0, eot=eot)
+    lengths = check_rows(tokens, mask, refs, eot)
+    assert lengths[0] < 10
+
+
+def test_all_rows_stop_early_trims_output(gpt):
+    prompt = prompts_of([4])[0]
+    ref = greedy_nocache(gpt, prompt, 10)
+    eot = next(ref[t] for t in range(2, 10) if ref[t] not in ref[:t])
+    tokens, mask = gpt.generate([prompt], 10, temperature=0, eot=eot)
+    assert tokens.shape[1] == expected_length(ref, eot) < 10 and mask.all()
+
+
+def test_stop_ids_stop_a_row(gpt):
+    prompts = prompts_of([4, 6])
+    refs = [greedy_nocache(gpt, p, 12) for p in prompts]
+    eot = unused_token(refs, 100)
+    stop = refs[0][5:7]  # a two-token stop sequence that first completes at row 0's 7th token
+    assert expected_length(refs[0], eot, [stop]) == 7
+    tokens, mask = gpt.generate(prompts, 12, temperature=0, stop_ids=[stop], eot=eot)
+    check_rows(tokens, mask, refs, eot, [stop])
+    single = [refs[1][2]]  # a one-token stop sequence
+    tokens, mask = gpt.generate(prompts, 12, temperature=0, stop_ids=[stop, single], eot=eot)
+    lengths = check_rows(tokens, mask, refs, eot, [stop, single])
+    assert lengths[1] <= 3
+
+
+def test_dialogue_continues_a_kv_cache(gpt):
+    """Two turns through one cache (starting too small, so it must grow) equal greedy decoding of
+    the whole history without a cache: the stop token is context for the next turn, the eot
+    filler after it is not."""
+    first, second = prompts_of([3, 6], seed=4), prompts_of([2, 4], seed=5)
+    refs1 = [greedy_nocache(gpt, p, 8) for p in first]
+    eot = next(refs1[0][t] for t in range(2, 8) if refs1[0][t] not in refs1[0][:t])
+    cache = M.KVCache(gpt.config, 2, 4, "cpu", torch.float32)
+    tokens, mask = gpt.generate(first, 8, temperature=0, eot=eot, kv_cache=cache)
+    lengths = check_rows(tokens, mask, refs1, eot)
+    assert lengths[0] < 8  # row 0 stopped early and carries eot filler
+    history = [p + r[:n] + q for p, r, n, q in zip(first, refs1, lengths, second)]
+    refs2 = [greedy_nocache(gpt, h, 6) for h in history]
+    tokens, mask = gpt.generate(second, 6, temperature=0, eot=eot, kv_cache=cache)
+    lengths2 = check_rows(tokens, mask, refs2, eot)
+    assert cache.n_real.tolist() == [len(h) + n for h, n in zip(history, lengths2)]
+    with pytest.raises(ValueError, match="one prompt per cached row and num_samples=1"):
+        gpt.generate(second, 2, num_samples=2, kv_cache=cache)
+    with pytest.raises(ValueError, match="exceeds block_size 64"):
+        gpt.generate(second, 64 - max(cache.n_real.tolist()) - 3, kv_cache=cache)
+
+
+def test_overlong_prompt_is_an_error(gpt):
+    prompt = list(range(60))
+    gpt.generate([prompt], 4, temperature=0)  # 60 + 4 == block_size 64 fits
+    with pytest.raises(ValueError, match="exceeds block_size 64"):
+        gpt.generate([prompt, [1]], 5, temperature=0)
+
+
+def test_empty_prompt_generates_nothing(gpt):
+    prompt = prompts_of([5])[0]
+    ref = greedy_nocache(gpt, prompt, 6)
+    eot = unused_token([ref], 100)
+    tokens, mask = gpt.generate([[], prompt, []], 6, num_samples=2, temperature=0, eot=eot)
+    assert tokens.tolist() == [[eot] * 6] * 2 + [ref] * 2 + [[eot] * 6] * 2
+    assert mask.tolist() == [[False] * 6] * 2 + [[True] * 6] * 2 + [[False] * 6] * 2
+
+
+def test_sample_next_follows_the_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5]).log_softmax(-1).repeat(40000, 1)
+    gen = torch.Generator().manual_seed(0)
+    for temperature, top_k in [(1.0, None), (0.5, None), (1.0, 2)]:
+        draws = M.sample_next(logits, temperature, top_k, gen)
+        freq = torch.bincount(draws, minlength=5).float() / len(draws)
+        p = (logits[0] / temperature).softmax(-1)
+        if top_k:
+            p = torch.where(p >= p.topk(top_k).values[-1], p, 0.0)
+            p = p / p.sum()
+            assert (freq[p == 0] == 0).all()
+        torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
+    assert torch.equal(M.sample_next(logits[:3], 0, None, gen), torch.tensor([2, 2, 2]))
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0 ** -24])  # the two ends of torch.rand's range
+def test_sample_next_never_draws_a_zero_probability_token(monkeypatch, u):
+    """top_k gives tokens 0, 3 and 4 probability exactly 0. A uniform draw of exactly 0 (torch.rand
+    returns it with probability 2^-24, i.e. a few times per million RL tokens) must not pick one."""
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, u))
+    logits = torch.tensor([[0.0, 3.0, 2.0, -1.0, 0.5]])
+    assert int(M.sample_next(logits, 1.0, 2, None)) in (1, 2)
+
+# ---------------------------------------------------------------------------------------------
+# log-probs
+
+
+@torch.no_grad()
+def manual_logprobs(model, prompt, completion, temperature):
+    out = []
+    for k, tok in enumerate(completion):
+        logits = model(torch.tensor([list(prompt) + list(completion[:k])]))[0][0, -1]
+        out.append(float((logits / temperature).log_softmax(-1)[tok]))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@torch.no_grad()
+def test_token_logprobs_equal_token_by_token(gpt, temperature):
+    prompts, completions = prompts_of([4, 7, 1], seed=2), prompts_of([5, 2, 6], seed=3)
+    logp = M.token_logprobs(gpt, prompts, completions, temperature=temperature)
+    assert logp.shape == (3, 6)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ref = torch.tensor(manual_logprobs(gpt, p, c, temperature))
+        torch.testing.assert_close(logp[i, :len(c)], ref, atol=1e-5, rtol=0)
+        assert (logp[i, len(c):] == 0).all()
+        torch.testing.assert_close(logp[i, :len(c)].sum(), ref.sum(), atol=1e-5, rtol=1e-6)
+    seq = torch.tensor([prompts[1] + completions[1]])
+    full = M.sequence_logprobs(gpt, seq, temperature=temperature)
+    assert full.shape == (1, seq.size(1) - 1) and full.dtype == torch.float32
+    torch.testing.assert_close(full[0], torch.tensor(manual_logprobs(gpt, seq[0, :1].tolist(), seq[0, 1:].tolist(),
+                                                                     temperature)), atol=1e-5, rtol=0)
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+
+GPT2_URLS = {"vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+             "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"}
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "Q: Tom has 15 apples. He eats 7.\nA: 15 - 7 = 8. The answer is 8.",
+    "Café naïve résumé — Zürich, São Paulo, Ångström, Łódź",
+    "日本語のテキスト、中文文本、한국어 텍스트",
+    "emoji 😀🎉👍🏽 and a family 👨‍👩‍👧 and flags 🇫🇷",
+    "  leading spaces\n\n\ttabs   and   runs    \n   \r\n trailing   ",
+    "def f(x):\n    return x**2 + 3  # square\n\nprint(f(4))\n",
+    "3.14159 1,000,000 2024-01-31 12345678901234567890 -42 0x1F",
+    "I'm sure we'll see they've gone, she'd say. DON'T SHOUT",
+    "before<|endoftext|>after <|endoftext|>",
+    "\u00a0nbsp, soft\u00adhyphen, controls \x00\x01\x7f, zero\u200bwidth",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def reference_encoding(tmp_path_factory):
+    """tiktoken's own gpt2 encoding, offline: its cache pre-seeded with the same two files under
+    the names tiktoken looks for (sha1 of the URL)."""
+    import tiktoken
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    for name, path in M.gpt2_bpe_files().items():
+        shutil.copy(path, cache / hashlib.sha1(GPT2_URLS[name].encode()).hexdigest())
+    old = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    try:
+        yield tiktoken.get_encoding("gpt2")
+    finally:
+        if old is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_gpt2_tokenizer_matches_tiktoken(reference_encoding, text):
+    tok = M.get_tokenizer()
+    ids = tok.encode(text)
+    assert ids == reference_encoding.encode_ordinary(text)
+    assert tok.decode(ids) == text
+    assert M.GPT2_EOT not in ids
+
+
+def test_gpt2_tokenizer_specials():
+    tok = M.get_tokenizer()
+    assert (tok.eot, tok.n_vocab) == (50256, 50257)
+    assert tok.decode([tok.eot]) == "<|endoftext|>"
+    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]  # plain text: <| end of text |>
+    assert tok.encode("Hello world") == [15496, 995]  # the ids every GPT-2 user knows
+    assert M.tokenizer_from_state(json.loads(json.dumps(tok.state()))) is tok
+
+
+def test_compact_tokenizer():
+    corpus = ["Q: Ann has 3 coins. She flips one.\nA: The answer is yes.", "Q: Bob trades a hat.\nA: 12 - 4 = 8."]
+    tok = M.CompactTokenizer.from_texts(corpus)
+    gpt2 = M.get_tokenizer()
+    used = sorted({t for text in corpus for t in gpt2.encode(text)} | {gpt2.eot})
+    assert tok.n_vocab == len(used) and tok.ids == used  # dense ids over exactly the tokens used
+    for text in corpus:
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.n_vocab for i in ids) and tok.decode(ids) == text
+        assert [used[i] for i in ids] == gpt2.encode(text)
+    assert tok.eot == tok.n_vocab - 1 and tok.decode([tok.eot]) == "<|endoftext|>"
+    assert tok.decode(tok.encode(corpus[0]) + [tok.eot]) == corpus[0] + "<|endoftext|>"
+    with pytest.raises(ValueError, match=r"token ' z' \(GPT-2 id 1976\) of 'Q: Ann has a zebra' is not in this "
+                                         r"compact vocabulary; rebuild it from texts that include it"):
+        tok.encode("Q: Ann has a zebra")
+    back = M.tokenizer_from_state(json.loads(json.dumps(tok.state())))
+    assert isinstance(back, M.CompactTokenizer) and back.ids == tok.ids and back.eot == tok.eot
+    assert back.encode(corpus[1]) == tok.encode(corpus[1])
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'bpe'"):
+        M.tokenizer_from_state({"kind": "bpe"})
+
+# ---------------------------------------------------------------------------------------------
+# bad weight files
+
+
+@pytest.fixture
+def hf_folder(tmp_path, gpt):
+    folder = tmp_path / "w"
+    gpt.save_hf(str(folder))
+    return folder
+
+
+def rewrite(folder, edit):
+    file = str(folder / "model.safetensors")
+    tensors = M.read_safetensors(file)
+    edit(tensors)
+    M.write_safetensors(file, tensors)
+
+
+def test_truncated_safetensors(hf_folder):
+    file = hf_folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="is truncated: tensor .* ends at byte"):
+        GPT.from_pretrained(str(hf_folder))
+    file.write_bytes(data[:100])  # cut inside the header
+    with pytest.raises(ValueError, match="is truncated: header of"):
+        GPT.from_pretrained(str(hf_folder))
+    file.write_bytes(data[:5])
+    with pytest.raises(ValueError, match="is truncated"):
+        GPT.from_pretrained(str(hf_folder))
+
+
+@pytest.mark.parametrize("header", [b"not json at all!", b"\xff\xfe\x00garbage"])
+def test_header_that_does_not_parse(hf_folder, header):
+    (hf_folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+    with pytest.raises(ValueError, match="does not start with a safetensors JSON header"):
+        GPT.from_pretrained(str(hf_folder))
+
+
+def test_header_that_is_not_an_object(hf_folder):
+    """Valid JSON but not a name -> tensor map is a wrong file too: a clear ValueError naming the
+    file, not an AttributeError from inside the reader."""
+    header = b"[1, 2, 3]"
+    (hf_folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        GPT.from_pretrained(str(hf_folder))
+
+
+def test_tensor_with_wrong_shape(hf_folder):
+    def bad_ln(t):
+        t["transformer.h.1.ln_2.weight"] = torch.ones(33)
+    rewrite(hf_folder, bad_ln)
+    with pytest.raises(ValueError, match=r"tensor h.1.ln_2.weight .* has shape \(33,\), expected \(32,\)"):
+        GPT.from_pretrained(str(hf_folder))
+
+    def untransposed(t):  # a Conv1D weight stored the nn.Linear way round
+        t["transformer.h.1.ln_2.weight"] = torch.ones(32)
+        t["transformer.h.0.mlp.c_fc.weight"] = t["transformer.h.0.mlp.c_fc.weight"].t().contiguous()
+    rewrite(hf_folder, untransposed)
+    with pytest.raises(ValueError, match=r"tensor h.0.mlp.c_fc.weight .* has shape \(32, 128\), expected \(128, 32\)"):
+        GPT.from_pretrained(str(hf_folder))
+
+
+def test_byte_count_that_does_not_fit_the_shape(hf_folder):
+    file = hf_folder / "model.safetensors"
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["transformer.ln_f.bias"]["shape"] = [16]
+    head = json.dumps(header).encode()
+    file.write_bytes(len(head).to_bytes(8, "little") + head + data[8 + n:])
+    with pytest.raises(ValueError, match=r"transformer.ln_f.bias .* do not hold shape \[16\]"):
+        GPT.from_pretrained(str(hf_folder))
+
+
+def test_missing_tensor(hf_folder):
+    rewrite(hf_folder, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
+    with pytest.raises(ValueError, match=r"has no tensor h.1.mlp.c_fc.bias \(of 1 missing\)"):
+        GPT.from_pretrained(str(hf_folder))
+
+
+def test_extra_tensor(hf_folder):
+    rewrite(hf_folder, lambda t: t.update({"transformer.h.0.attn.q_norm.weight": torch.ones(32)}))
+    with pytest.raises(ValueError, match="has tensor h.0.attn.q_norm.weight that a GPT-2 model does not have"):
+        GPT.from_pretrained(str(hf_folder))
+
+
+def test_missing_last_layer_is_an_error(hf_folder):
+    """config.json says n_layer=2; a file without any h.1.* tensor must not load as a 1-layer
+    model (DESIGN: a wrong file is a clear error, never a half-loaded model)."""
+    rewrite(hf_folder, lambda t: [t.pop(k) for k in list(t) if k.startswith("transformer.h.1.")])
+    with pytest.raises(ValueError, match="n_layer"):
+        GPT.from_pretrained(str(hf_folder))
+
+
+def test_bare_file_without_config_needs_n_head(hf_folder):
+    (hf_folder / "config.json").unlink()
+    with pytest.raises(ValueError, match="no config.json beside it to say n_head for n_embd=32"):
+        GPT.from_pretrained(str(hf_folder / "model.safetensors"))
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no GPT-2 weights at"):
+        GPT.from_pretrained(str(tmp_path))
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**M.PRESETS["nano"], vocab_size=40))
+    tok = M.CompactTokenizer.from_texts(["the cat sat on the mat"])
+    opt = model.configure_optimizer(lr=1e-2, weight_decay=0.1)
+    idx = torch.randint(0, 40, (2, 8))
+    model(idx, targets=idx)[1].backward()
+    opt.step()
+    path = str(tmp_path / "ckpt" / "last.pt")
+    M.save_checkpoint(path, model, tok, optimizer=opt, step=7, extra={"note": "x"})
+    after_save = (torch.rand(4), random.random(), np.random.rand(3))
+    assert os.listdir(tmp_path / "ckpt") == ["last.pt"]  # written atomically, no .tmp left
+
+    loaded, tok2, ckpt = M.load_model(path)
+    M.set_rng_state(ckpt["rng"])
+    restored = (torch.rand(4), random.random(), np.random.rand(3))
+    assert torch.equal(after_save[0], restored[0]) and after_save[1] == restored[1]
+    assert np.array_equal(after_save[2], restored[2])
+
+    assert ckpt["step"] == 7 and ckpt["extra"] == {"note": "x"} and loaded.config == model.config
+    assert isinstance(tok2, M.CompactTokenizer) and tok2.ids == tok.ids
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied after loading
+
+    opt2 = loaded.configure_optimizer(lr=1e-2, weight_decay=0.1)
+    opt2.load_state_dict(ckpt["optimizer"])
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"] and s1["state"].keys() == s2["state"].keys()
+    for i in s1["state"]:
+        for name, t in s1["state"][i].items():
+            assert torch.equal(t, s2["state"][i][name]), (i, name)
+    assert len(s1["state"]) == len(list(model.parameters()))  # every parameter had a step
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(**M.PRESETS["nano"], vocab_size=40))
+    tok = M.CompactTokenizer.from_texts(["a b"])
+    path = str(tmp_path / "last.pt")
+    M.save_checkpoint(path, model, tok, step=1)
+
+    def crash(obj, f, *args, **kwargs):  # a crash in the middle of writing
+        open(f, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_checkpoint(path, model, tok, step=2)
+    monkeypatch.undo()
+    assert M.load_checkpoint(path)["step"] == 1
+
+
+def test_wrong_architecture_is_an_error(tmp_path):
+    small = GPT(GPTConfig(**M.PRESETS["nano"], vocab_size=40))
+    wide = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=48, vocab_size=40, block_size=128))
+    with pytest.raises(ValueError, match=r"src: tensor transformer.wte.weight has shape \(40, 32\), "
+                                         r"this model expects \(40, 48\)"):
+        M.load_state(wide, small.state_dict(), "src")
+    deep = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, vocab_size=40, block_size=128))
+    with pytest.raises(ValueError, match=r"src has no tensor transformer.h.2"):
+        M.load_state(deep, small.state_dict(), "src")
+    with pytest.raises(ValueError, match=r"src has tensor transformer.h.2.*which this model"):
+        M.load_state(small, deep.state_dict(), "src")
+
+    path = str(tmp_path / "c.pt")
+    M.save_checkpoint(path, small, M.CompactTokenizer.from_texts(["a"]))
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["config"]["n_embd"] = 48  # a checkpoint whose config does not match its weights
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=rf"{path}: tensor transformer.wte.weight has shape \(40, 32\)"):
+        M.load_model(path)
+
+
+def test_unreadable_checkpoint(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"this is not a torch file")
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        M.load_model(str(path))
+    torch.save({"weights": 1}, path)
+    with pytest.raises(ValueError, match="is not a checkpoint written by save_checkpoint"):
+        M.load_model(str(path))
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        M.load_checkpoint(str(tmp_path / "none.pt"))
+
+
+def test_load_model_reads_hf_folder(hf_folder, gpt):
+    model, tok, ckpt = M.load_model(str(hf_folder))
+    assert ckpt is None and tok is M.get_tokenizer()
+    idx = torch.tensor([prompts_of([6])[0]])
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], gpt(idx)[0])
+
+# ---------------------------------------------------------------------------------------------
+# parse_config
+
+
+@dataclasses.dataclass
+class Cfg:
+    steps: int = 10
+    lr: float = 3e-4
+    compile: bool = False
+    name: str = "run"
+
+
+def test_parse_config_types():
+    cfg = M.parse_config(Cfg(), ["--steps=20", "--lr=1", "--compile=True", "--name=exgrpo"])
+    assert (cfg.steps, cfg.lr, cfg.compile, cfg.name) == (20, 1.0, True, "exgrpo")
+    assert type(cfg.lr) is float and type(cfg.steps) is int
+    cfg = M.parse_config(Cfg(), ["--lr=2e-5", "--name=123", "--compile=False"])
+    assert (cfg.lr, cfg.name, cfg.compile) == (2e-5, "123", False)
+    assert type(cfg.name) is str
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--stepz=3", "unknown option --stepz; options are: compile, lr, name, steps"),
+    ("--steps=2.5", "--steps expects a int, got 2.5"),
+    ("--steps=abc", "--steps expects a int, got abc"),
+    ("--compile=1", "--compile expects True or False, got 1"),
+    ("--lr=True", "--lr expects a float, got True"),
+    ("--steps", "argument --steps must look like --key=value"),
+    ("config/none.py", "config file config/none.py does not exist"),
+])
+def test_parse_config_errors(arg, message):
+    with pytest.raises(SystemExit) as e:
+        M.parse_config(Cfg(), [arg])
+    assert message in str(e.value.code)
+
+
+def test_parse_config_preset_file(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text("import math\nsteps = 5 * 4\nlr = math.sqrt(1e-8)\nnot_a_field = 1\n_private = 2\n")
+    cfg = M.parse_config(Cfg(), [str(preset)])
+    assert (cfg.steps, cfg.lr, cfg.name) == (20, 1e-4, "run") and not hasattr(cfg, "not_a_field")
+    cfg = M.parse_config(Cfg(), [str(preset), "--steps=3"])  # applied in order: later wins
+    assert cfg.steps == 3
+    cfg = M.parse_config(Cfg(), ["--steps=3", str(preset)])
+    assert cfg.steps == 20
