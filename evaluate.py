@@ -1,0 +1,333 @@
+"""
+Evaluation and the report. For each checkpoint: greedy single-turn accuracy on test_id and on every
+OOD split, per world; accuracy on the EI probes of the test_id problems, per rule (explanatory
+consistency: does the student answer the questions that explain its own answers?). Then tables with
+the mean ± std over seeds, bar charts, training curves from the logs and, when runs with
+data_fraction < 1 exist, a data-efficiency plot. Inference is single-turn (METHOD.md): the student
+sees the question alone, no probes in context.
+
+    python evaluate.py --out_dir=out/default                              # every checkpoint in out/default/ckpt
+    python evaluate.py --runs=out/s1,out/s2,out/s3 --out_dir=out/seeds    # one run folder per seed
+    python evaluate.py --out_dir=out/default --reuse=True                 # redraw from results.json
+
+Writes <out_dir>/report/{report.md, results.json, *.png}. A method is a checkpoint name (sft_qa,
+rl_exgrpo, ...): over several run folders its numbers are the mean ± sample std over the folders
+that have it, and n counts them. A split's accuracy pools the problems of every world.
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+
+import matplotlib
+matplotlib.use("Agg")  # files only: no display on a server or in CI
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
+
+from distill_rl import greedy_answers
+from model import load_model, parse_config, pick_device, set_threads
+from tasks import EI_RULES, is_correct, load_records
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/default"      # run folder; the report goes to out_dir/report
+    runs: str = ""                    # comma-separated run folders (one per seed) to aggregate; default out_dir
+    ckpts: str = ""                   # comma-separated names (looked up in every run) or .pt paths (on out_dir's data)
+    splits: str = "test_id,ood_long,ood_reverse,ood_names"
+    worlds: str = ""                  # comma-separated; default every world in the data
+    max_problems: int = 0             # per world and split; 0 = all
+    max_new_tokens: int = 48
+    batch_size: int = 128
+    reuse: bool = False               # keep results.json entries whose checkpoint file and settings are unchanged
+    device: str = "auto"
+    threads: int = 0                  # torch threads; 0 = torch's default
+
+
+# the paper's ablation rows in the order a reader expects them; other names follow alphabetically
+LABELS = {"sft_qa": "vanilla SFT", "sft_ei": "EI-SFT", "rl_grpo": "SFT+GRPO",
+          "rl_exgrpo_nobonus": "EXGRPO w/o DSU bonus", "rl_exgrpo": "EXGRPO", "rl_cold": "RL cold start"}
+SFT_CURVES, RL_CURVES = ("val_loss", "val_acc"), ("reward", "acc_full", "kl", "dsu_fire_rate")
+
+
+def find_checkpoints(cfg, runs):
+    """[(run folder, method name, path)] for the names or paths in --ckpts, or every ckpt/*.pt."""
+    found = []
+    for c in [c for c in cfg.ckpts.split(",") if c] or [None]:
+        if c and c.endswith(".pt"):
+            if not os.path.isfile(c):
+                raise SystemExit(f"checkpoint {c} does not exist")
+            found.append((cfg.out_dir, os.path.basename(c)[:-3], c))
+            continue
+        paths = [p for run in runs for p in sorted(glob.glob(os.path.join(run, "ckpt", f"{c or '*'}.pt")))]
+        if not paths:
+            what = f"checkpoint {c}.pt" if c else "checkpoints"
+            raise SystemExit(f"no {what} in {', '.join(os.path.join(r, 'ckpt') for r in runs)}: "
+                             f"train with distill_rl.py first, or pick --ckpts from what is there")
+        found += [(os.path.dirname(os.path.dirname(p)), os.path.basename(p)[:-3], p) for p in paths]
+    return found
+
+
+def load_data(run, splits, worlds, max_problems):
+    """{split: records} of one run folder, restricted to the chosen worlds, the first max_problems
+    of each world (the JSONL order is the generator's, so this is the same subset every time)."""
+    data = {}
+    for split in splits:
+        path = os.path.join(run, "data", f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} does not exist: run `python invert.py --out_dir={run}` first, "
+                             f"or leave {split} out of --splits")
+        seen, data[split] = {}, []
+        for r in load_records(path):
+            if (not worlds or r["world"] in worlds) and (not max_problems or seen.get(r["world"], 0) < max_problems):
+                seen[r["world"]] = seen.get(r["world"], 0) + 1
+                data[split].append(r)
+    return data
+
+
+def evaluate_checkpoint(path, run, data, cfg, device):
+    """Counts [correct, total] per split and world ("acc") and per EI rule and world ("probes")."""
+    model, tok, ckpt = load_model(path, device)
+    jobs = [("acc", split, r["world"], r["question"], r["answer"]) for split, recs in data.items() for r in recs]
+    jobs += [("probes", p["rule"], r["world"], p["question"], p["answer"])
+             for r in data.get("test_id", []) for p in r.get("probes", [])]
+    jobs.sort(key=lambda j: len(j[3]))  # similar lengths share a batch: less left padding to compute
+    bs, answers = cfg.batch_size, []
+    try:
+        for i in tqdm(range(0, len(jobs), bs), desc=f"eval {path}"):
+            answers += greedy_answers(model, tok, [j[3] for j in jobs[i:i + bs]], cfg.max_new_tokens, bs)
+    except ValueError as e:  # a token outside a compact vocabulary, or a prompt longer than block_size
+        raise SystemExit(f"checkpoint {path} cannot be evaluated on {os.path.join(run, 'data')}: {e}") from None
+    entry = {"run": run, "path": path, "step": ckpt["step"],
+             "config": ckpt["extra"].get("config", {}), "acc": {s: {} for s in data}, "probes": {}}
+    for (group, key, world, question, gold), text in zip(jobs, answers):
+        cell = entry[group].setdefault(key, {}).setdefault(world, [0, 0])
+        cell[0] += int(is_correct(world, text, gold, question))  # the question: swap options by letter
+        cell[1] += 1
+    return entry
+
+
+def stamp(path, run, splits):
+    """Modification times of a checkpoint and of the data it is scored on: --reuse trusts a cached
+    entry only while both are unchanged (a retrained model, a regenerated dataset)."""
+    files = [path] + [os.path.join(run, "data", f"{s}.jsonl") for s in splits]
+    return [os.path.getmtime(f) if os.path.isfile(f) else None for f in files]
+
+
+def pooled(cells):
+    """Accuracy over {world: [correct, total]}; None when there are no problems."""
+    n = sum(t for _, t in cells.values())
+    return sum(c for c, _ in cells.values()) / n if n else None
+
+
+def spread(values):
+    """(mean, sample std, n) over the seeds that have a value; None when none does."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def fmt(s):
+    if s is None:
+        return "–"
+    return f"{100 * s[0]:.1f}" + (f" ± {100 * s[1]:.1f}" if s[2] > 1 else "")
+
+
+def md_table(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def label(name):
+    return f"{LABELS[name]} ({name})" if name in LABELS else name
+
+
+def family(c):
+    """The data-efficiency plot's line for a run config: the method regardless of data_fraction."""
+    if c.get("stage") == "sft":
+        return "EI-SFT" if c.get("data") == "ei" else "vanilla SFT"
+    name = c.get("algo", "rl").upper()
+    if c.get("algo") == "exgrpo" and not c.get("dsu_bonus", True):
+        name += " w/o DSU bonus"
+    return name + (" cold start" if c.get("init") == "scratch" else "")
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
+
+
+def bar_chart(path, title, groups, series):
+    """groups along x, one bar per method in each (series: {method: [spread per group]}),
+    error bars = std over seeds."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(series)) ** 0.5), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, stats) in enumerate(series.items()):
+        x = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(x, [100 * s[0] if s else np.nan for s in stats], width, label=name,
+               yerr=[100 * s[1] if s and s[2] > 1 else np.nan for s in stats], capsize=2)
+    crowded = len(groups) > 5  # rule names: slant them so they do not overlap
+    ax.set_xticks(range(len(groups)), groups, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.set(ylim=(0, 105), ylabel="accuracy (%)", title=title)
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def curve_chart(path, title, logs, keys):
+    """One panel per logged metric vs step; one line per run, one colour per method."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.3), squeeze=False)
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _ in logs))}
+    for ax, key in zip(axes[0], keys):
+        shown = set()
+        for method, records in logs:
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), color=colours[method], marker="." if len(points) < 30 else None,
+                        label=method if method not in shown else "_nolegend_")
+                shown.add(method)
+        ax.set(title=key, xlabel="step")
+        if shown:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    save(fig, path)
+
+
+def split_acc(e, split, world=None):
+    """One checkpoint's accuracy on a split, pooled over its worlds or for one world."""
+    return pooled({w: c for w, c in e["acc"].get(split, {}).items() if world in (None, w)})
+
+
+def accuracy_sections(methods, order, splits, report_dir):
+    """The main table (methods x splits + their mean) and the per-world table, with a bar chart."""
+    def split_mean(e):
+        values = [split_acc(e, s) for s in splits]
+        return None if None in values else statistics.mean(values)
+    main = {m: [spread([split_acc(e, s) for e in methods[m]]) for s in splits] + [spread(map(split_mean, methods[m]))]
+            for m in order}
+    bar_chart(os.path.join(report_dir, "accuracy.png"), "Greedy accuracy per split", splits + ["mean"],
+              {label(m): main[m] for m in order})
+    worlds = sorted({w for es in methods.values() for e in es for s in splits for w in e["acc"].get(s, {})})
+    per_world = [[label(m), w] + [fmt(spread([split_acc(e, s, w) for e in methods[m]])) for s in splits]
+                 for m in order for w in worlds]
+    return ["## Accuracy per split", "",
+            md_table(["method"] + splits + ["mean", "n"],
+                     [[label(m)] + [fmt(s) for s in main[m]] + [str(len(methods[m]))] for m in order]),
+            "", "![accuracy per split](accuracy.png)", "", "## Accuracy per world", "",
+            md_table(["method", "world"] + splits, per_world), ""]
+
+
+def probe_section(methods, order, report_dir):
+    """Accuracy on the EI probes of the test_id problems, per rule (in METHOD.md's order) and pooled."""
+    rules = sorted({r for es in methods.values() for e in es for r in e["probes"]},
+                   key=lambda r: (list(EI_RULES) + [r]).index(r))
+    out = ["## EI-probe accuracy per rule (explanatory consistency, test_id problems)", ""]
+    if not rules:
+        return out + ["The test_id records hold no EI probes (or test_id was not evaluated).", ""]
+    every_rule = lambda e: {(r, w): c for r, cells in e["probes"].items() for w, c in cells.items()}
+    ei = {m: [spread([pooled(e["probes"].get(r, {})) for e in methods[m]]) for r in rules]
+          + [spread([pooled(every_rule(e)) for e in methods[m]])] for m in order}
+    bar_chart(os.path.join(report_dir, "ei_probes.png"), "Accuracy on the EI probes of test_id problems",
+              rules + ["all"], {label(m): ei[m] for m in order})
+    return out + [md_table(["method"] + rules + ["all"], [[label(m)] + [fmt(s) for s in ei[m]] for m in order]),
+                  "", "![EI-probe accuracy per rule](ei_probes.png)", ""]
+
+
+def curve_section(methods, order, report_dir):
+    """Training curves from every evaluated run's log: SFT and RL logs on separate figures."""
+    logs = [(m, [json.loads(line) for line in open(path) if line.strip()])
+            for m in order for e in methods[m]
+            for path in [os.path.join(e["run"], "logs", f"{m}.jsonl")] if os.path.isfile(path)]
+    out = []
+    for name, title, rl, keys in (("curves_sft.png", "SFT training curves", False, SFT_CURVES),
+                                  ("curves_rl.png", "RL training curves", True, RL_CURVES)):
+        chosen = [(m, records) for m, records in logs if records and ("reward" in records[0]) == rl]
+        if chosen:
+            curve_chart(os.path.join(report_dir, name), title, chosen, keys)
+            out += [f"![{title}]({name})", ""]
+    return ["## Training curves", ""] + out if out else []
+
+
+def efficiency_section(entries, report_dir):
+    """test_id accuracy vs the share of training questions, one line per method family; only
+    drawn when some run used data_fraction < 1."""
+    points = {}
+    for e in entries:
+        if "data_fraction" in e["config"] and split_acc(e, "test_id") is not None:
+            points.setdefault(family(e["config"]), {}).setdefault(e["config"]["data_fraction"], []).append(
+                split_acc(e, "test_id"))
+    fractions = sorted({f for fr in points.values() for f in fr})
+    if not fractions or fractions[0] >= 1:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for fam, fr in sorted(points.items()):
+        stats = [spread(fr[f]) for f in sorted(fr)]
+        ax.errorbar(sorted(fr), [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], marker="o",
+                    capsize=3, label=fam)
+    ax.set(xscale="log", xlabel="share of the training questions", ylabel="test_id accuracy (%)",
+           title="Data efficiency", ylim=(0, 105))
+    ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    save(fig, os.path.join(report_dir, "data_efficiency.png"))
+    return ["## Data efficiency", "", "![test_id accuracy vs share of training questions](data_efficiency.png)", ""]
+
+
+def write_report(cfg, runs, splits, entries, report_dir):
+    methods = {}
+    for e in entries:
+        methods.setdefault(e["name"], []).append(e)
+    order = [m for m in LABELS if m in methods] + sorted(m for m in methods if m not in LABELS)
+    totals = {s: sorted({sum(t for _, t in e["acc"].get(s, {}).values()) for e in entries}) for s in splits}
+    seeds = sorted({str(e["config"]["seed"]) for e in entries if "seed" in e["config"]})
+    header = (f"{len(entries)} checkpoint(s) from {len(runs)} run folder(s) ({', '.join(runs)})"
+              + (f", seed(s) {', '.join(seeds)}" if seeds else "")
+              + f". Greedy single-turn answers of at most {cfg.max_new_tokens} new tokens. Problems per run folder: "
+              + ", ".join(f"{s} {'/'.join(map(str, totals[s]))}" for s in splits)
+              + ". Cells: accuracy in % (mean ± sample std over the n run folders when n > 1); a split pools "
+              "its worlds; mean = the mean over the splits."
+              + (" ood_long also tests positions the student never trained on (learned absolute positions "
+                 "do not extrapolate)." if "ood_long" in splits else ""))
+    out = (["# Evaluation report", "", header, ""] + accuracy_sections(methods, order, splits, report_dir)
+           + probe_section(methods, order, report_dir) + curve_section(methods, order, report_dir)
+           + efficiency_section(entries, report_dir))
+    with open(os.path.join(report_dir, "report.md"), "w") as f:
+        f.write("\n".join(out))
+
+
+def main(argv):
+    cfg = parse_config(Config(), argv)
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    runs = [r for r in cfg.runs.split(",") if r] or [cfg.out_dir]
+    splits = [s for s in cfg.splits.split(",") if s]
+    worlds = [w for w in cfg.worlds.split(",") if w]
+    found = find_checkpoints(cfg, runs)
+    report_dir = os.path.join(cfg.out_dir, "report")
+    os.makedirs(report_dir, exist_ok=True)
+    results_path = os.path.join(report_dir, "results.json")
+    settings = dict(splits=splits, worlds=worlds, max_problems=cfg.max_problems, max_new_tokens=cfg.max_new_tokens)
+    cached = {}
+    if cfg.reuse and os.path.isfile(results_path):
+        saved = json.load(open(results_path))
+        cached = saved["checkpoints"] if saved["settings"] == settings else {}
+    data, entries = {}, []
+    for run, name, path in found:
+        now, entry = stamp(path, run, splits), cached.get(path)
+        if entry is None or entry["stamp"] != now:
+            if run not in data:
+                data[run] = load_data(run, splits, worlds, cfg.max_problems)
+            entry = dict(evaluate_checkpoint(path, run, data[run], cfg, device), stamp=now)
+        entries.append(dict(entry, name=name))
+    with open(results_path, "w") as f:
+        json.dump({"settings": settings, "checkpoints": {e["path"]: e for e in entries}}, f, indent=1)
+    write_report(cfg, runs, splits, entries, report_dir)
+    print(f"wrote {os.path.join(report_dir, 'report.md')} ({len(entries)} checkpoints)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

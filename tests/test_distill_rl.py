@@ -1,0 +1,272 @@
+"""Stage 2-3 tests: hand-computed advantages and DSU bonus, loss masks, ratio/KL at the start,
+gradient accumulation, golden losses, resume, the NaN guard, DDP, and RL raising the reward."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distill_rl
+from distill_rl import Config, dsu_bonus, group_advantages, masked_logprobs, policy_update, rl_loss
+from model import GPT, GPTConfig, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nano(vocab=40, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab, block_size=64)).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# advantages and the DSU bonus, by hand
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.5, 0.0, 0.0, 0.0]])
+    adv = group_advantages(rewards, "group")
+    # group 1: mean 0.5, population std 0.5 -> +-0.5 / (0.5 + 1e-4)
+    assert torch.allclose(adv[0], torch.tensor([1, -1, -1, 1]) * 0.5 / 0.5001)
+    assert torch.equal(adv[1], torch.zeros(4))  # all-equal group: no signal, no NaN
+    # group 3: mean 0.375, deviations (1.125, -0.375 x3), population std sqrt(0.421875)
+    std = (0.421875) ** 0.5
+    assert torch.allclose(adv[2], torch.tensor([1.125, -0.375, -0.375, -0.375]) / (std + 1e-4))
+    assert torch.equal(group_advantages(rewards, "none")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_group_of_one_is_zero_not_nan():
+    adv = group_advantages(torch.tensor([[1.0], [0.0]]), "group")
+    assert torch.equal(adv, torch.zeros(2, 1))
+
+
+def test_dsu_bonus_by_hand():
+    full = torch.tensor([[1.0, 0.0, 1.0, 0.0],    # P_full 0.5 > P_partial 0.25: fires
+                         [1.0, 0.0, 0.0, 0.0],    # 0.25 = 0.25: does not fire (strict >)
+                         [1.0, 1.0, 0.0, 0.0],    # P_partial 0: fires
+                         [0.0, 0.0, 0.0, 0.0]])   # 0 > 0 is false
+    partial = torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4])
+    bonus, fired = dsu_bonus(full, partial, delta=0.5, nu=1.0)
+    assert fired.tolist() == [True, False, True, False]
+    # paid only to the correct Scenario A rollouts of questions where it fired
+    assert bonus.tolist() == [[0.5, 0, 0.5, 0], [0, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0, 0]]
+    _, fired = dsu_bonus(full, partial, delta=0.5, nu=3.0)  # 0.5 > 0.75 fails; 0.5 > 0 holds
+    assert fired.tolist() == [False, False, True, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss: masks, ratio, KL
+
+
+def rollout_rows():
+    """Two rollouts: prompt (0) and student-written (1) tokens; the second is shorter, so it is
+    right-padded after its EOS (id 39)."""
+    rows = [[5, 6, 7, 8, 9, 39, 3, 4, 11, 12, 39], [5, 6, 7, 20, 39]]
+    masks = [[0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+    return rows, masks
+
+
+def test_ratio_one_and_kl_zero_before_the_first_update():
+    model = nano()
+    ref = nano()
+    rows, masks = rollout_rows()
+    with torch.no_grad():
+        old, _, _ = masked_logprobs(model, rows, masks, "cpu", 1.0)
+        ref_logp, _, _ = masked_logprobs(ref, rows, masks, "cpu", 1.0)
+    logp, mask, _ = masked_logprobs(model, rows, masks, "cpu", 1.0)
+    assert torch.equal(torch.exp(logp - old), torch.ones_like(logp))
+    cfg = Config(algo="grpo", beta=0.04)
+    _, (kl, clipped) = rl_loss(logp, old, ref_logp, mask, torch.tensor([1.0, -1.0]), cfg, 2, float(mask.sum()))
+    assert kl == 0.0 and clipped == 0.0
+
+
+def test_kl_positive_and_finite_after_one_update():
+    model, ref = nano(), nano()
+    rows, masks = rollout_rows()
+    cfg = Config(algo="grpo", beta=0.04, rl_lr=1e-2, micro_batch=8, ppo_epochs=1, aux_coef=0.0)
+    optimizer = model.configure_optimizer(cfg.rl_lr, 0.0)
+    batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
+    first = policy_update(model, model, ref, optimizer, batch, cfg, 1, "in the test")
+    assert first["kl"] == 0.0
+    second = policy_update(model, model, ref, optimizer, batch, cfg, 1, "in the test")
+    assert 0 < second["kl"] < float("inf")
+
+
+def test_masked_tokens_get_exactly_zero_gradient():
+    """Prompt, probe-question and post-EOS padding positions: d loss / d logp == 0 exactly."""
+    model = nano()
+    rows, masks = rollout_rows()
+    logp, mask, _ = masked_logprobs(model, rows, masks, "cpu", 1.0)
+    # targets are shifted: mask[:, t] says whether token t+1 was written by the student
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]]
+    leaf = logp.detach().clone().requires_grad_(True)
+    for agg in ("seq", "token"):
+        cfg = Config(algo="grpo", beta=0.04, loss_agg=agg)
+        leaf.grad = None
+        loss, _ = rl_loss(leaf, leaf.detach() + 0.05, leaf.detach() - 0.1, mask, torch.tensor([1.0, -2.0]), cfg, 2,
+                          float(mask.sum()))
+        loss.backward()
+        assert torch.all(leaf.grad[mask == 0] == 0)
+        assert torch.all(leaf.grad[mask == 1] != 0)
+
+
+def test_loss_aggregation_by_hand():
+    """seq: per-sequence token mean, then mean over sequences; token: one global token mean."""
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, 3.0])
+    seq = rl_loss(logp, logp, logp, mask, adv, Config(algo="grpo", loss_agg="seq"), 2, 4)[0]
+    tok = rl_loss(logp, logp, logp, mask, adv, Config(algo="grpo", loss_agg="token"), 2, 4)[0]
+    assert seq.item() == pytest.approx(-(1.0 + 3.0) / 2)
+    assert tok.item() == pytest.approx(-(3 * 1.0 + 3.0) / 4)
+
+
+def test_clipping_by_hand():
+    """rho = e^0.5 > 1.2 with positive advantage: the clipped term is taken, no gradient."""
+    logp = torch.full((1, 2), 0.5, requires_grad=True)
+    old = torch.zeros(1, 2)
+    cfg = Config(algo="grpo", beta=0.0, clip_eps=0.2, loss_agg="token")
+    loss, (_, clipped) = rl_loss(logp, old, old, torch.ones(1, 2), torch.tensor([2.0]), cfg, 1, 2)
+    assert loss.item() == pytest.approx(-1.2 * 2.0)
+    assert clipped == 2
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(1, 2))
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([[-1.0]]), torch.tensor([[-1.5]])
+    cfg = Config(algo="grpo", beta=1.0, loss_agg="token")
+    _, (kl, _) = rl_loss(logp, logp, ref, torch.ones(1, 1), torch.tensor([0.0]), cfg, 1, 1)
+    r = -0.5
+    assert kl == pytest.approx(torch.exp(torch.tensor(r)).item() - r - 1)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    rows, masks = rollout_rows()
+    rows, masks = rows * 3, masks * 3
+    adv = torch.tensor([1.0, -1.0, 0.5, 2.0, -0.5, 0.0])
+    aux, aux_masks = [[5, 6, 7, 8, 39]] * 3, [[0, 0, 1, 1, 1]] * 3
+    grads = []
+    for micro in (6, 4, 1):
+        model, ref = nano(), nano(seed=1)
+        cfg = Config(algo="exgrpo", beta=0.04, micro_batch=micro, aux_coef=0.1, rl_lr=0.0)
+        optimizer = model.configure_optimizer(0.0, 0.0)
+        optimizer.step = lambda: None  # keep the gradient to compare
+        optimizer.zero_grad = lambda set_to_none=True: None
+        batch = dict(rows=rows, masks=masks, adv=adv, aux=aux, aux_masks=aux_masks)
+        policy_update(model, model, ref, optimizer, batch, cfg, 1, "in the test")
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-7) and torch.allclose(grads[0], grads[2], atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole runs on a tiny dataset
+
+NANO = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=384", "--threads=1", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import invert
+    out = tmp_path_factory.mktemp("run")
+    invert.build(invert.Config(out_dir=str(out), worlds="coin", n_train=64, n_val=16, n_test=8, n_ood=8))
+    return str(out)
+
+
+def sft(out_dir, *extra):
+    distill_rl.main([f"--out_dir={out_dir}", "--stage=sft", "--data=ei", "--batch_size=8", "--seed=1",
+                     "--eval_problems=8", "--max_new_tokens=24", *NANO, *extra])
+
+
+def rl(out_dir, *extra):
+    distill_rl.main([f"--out_dir={out_dir}", "--stage=rl", "--algo=exgrpo", "--batch_size=2", "--group_size=2",
+                     "--k=2", "--seed=1", "--difficulty=False", "--eval_problems=4", "--max_new_tokens=24",
+                     "--rl_lr=1e-3", "--rl_warmup=1", *NANO, *extra])
+
+
+def log(out_dir, name):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "logs", f"{name}.jsonl"))]
+
+
+def weights(out_dir, name):
+    return load_checkpoint(os.path.join(out_dir, "ckpt", f"{name}.pt"))["model"]
+
+
+def test_golden_sft_losses(data_dir):
+    """llm.c-style: the first three losses of a seeded run, frozen. A change here is a change in
+    the data, the model, the batching or the optimizer: look before updating the numbers."""
+    sft(data_dir, "--max_iters=3", "--name=golden")
+    losses = [r["loss"] for r in log(data_dir, "golden")]
+    assert losses == pytest.approx(GOLDEN_SFT_LOSSES, rel=1e-4)
+
+
+GOLDEN_SFT_LOSSES = [5.20316219329834, 5.180294036865234, 5.18908166885376]
+
+
+def interrupt_at(monkeypatch, step):
+    real = distill_rl.Run.log
+
+    def log_then_die(self, record):
+        if record["step"] == step:
+            raise KeyboardInterrupt
+        real(self, record)
+    monkeypatch.setattr(distill_rl.Run, "log", log_then_die)
+
+
+def test_sft_resume_equals_uninterrupted_run(data_dir, monkeypatch):
+    sft(data_dir, "--max_iters=6", "--name=straight")
+    interrupt_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        sft(data_dir, "--max_iters=6", "--name=resumed", "--ckpt_interval=2")
+    monkeypatch.undo()
+    assert load_checkpoint(os.path.join(data_dir, "ckpt", "resumed.pt"))["step"] == 4
+    sft(data_dir, "--max_iters=6", "--name=resumed", "--ckpt_interval=2", "--resume=True")
+    a, b = weights(data_dir, "straight"), weights(data_dir, "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in log(data_dir, "resumed")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_rl_resume_equals_uninterrupted_run(data_dir, monkeypatch):
+    sft(data_dir, "--max_iters=4", "--name=base")
+    init = f"--init={os.path.join(data_dir, 'ckpt', 'base.pt')}"
+    rl(data_dir, init, "--rl_steps=3", "--name=rl_straight")
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        rl(data_dir, init, "--rl_steps=3", "--name=rl_resumed", "--ckpt_interval=1")
+    monkeypatch.undo()
+    rl(data_dir, init, "--rl_steps=3", "--name=rl_resumed", "--ckpt_interval=1", "--resume=True")
+    a, b = weights(data_dir, "rl_straight"), weights(data_dir, "rl_resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    first = log(data_dir, "rl_straight")[0]
+    assert first["kl"] == 0.0 and first["clip_frac"] == 0.0  # pi_theta == pi_old == pi_ref at step 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, monkeypatch):
+    real, calls = torch.nn.functional.cross_entropy, []
+
+    def nan_on_second_step(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return out * float("nan") if len(calls) == 2 else out
+    monkeypatch.setattr(distill_rl.F, "cross_entropy", nan_on_second_step)
+    with pytest.raises(SystemExit, match=r"loss nan .* at step 2; the last good checkpoint .*nan_run.pt\) is intact"):
+        sft(data_dir, "--max_iters=4", "--name=nan_run", "--ckpt_interval=1", "--eval_interval=100")
+    assert load_checkpoint(os.path.join(data_dir, "ckpt", "nan_run.pt"))["step"] == 1
+
+
+def test_bad_config_is_refused(data_dir):
+    with pytest.raises(SystemExit, match="--algo=ppo is not one of reinforce, grpo, exgrpo"):
+        rl(data_dir, "--algo=ppo")
+    with pytest.raises(SystemExit, match="data_fraction"):
+        sft(data_dir, "--data_fraction=0")
+
+
+def test_ddp_two_processes_agree(data_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          os.path.join(ROOT, "distill_rl.py"), f"--out_dir={data_dir}", "--stage=sft", "--data=ei",
+                          "--batch_size=8", "--max_iters=2", "--name=ddp", "--eval_interval=100", *NANO],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "DDP: 2 ranks agree on the final weights" in out.stdout

@@ -1,0 +1,235 @@
+"""evaluate.py: accuracies equal hand counts (answers fixed by a stub, and by a tiny real model that
+always answers "yes"), seeds aggregate to the hand-computed mean ± std, the report lists every
+split and method, the figures are written, --reuse skips unchanged checkpoints, and missing
+inputs stop with one sentence."""
+import json
+import os
+
+import matplotlib.image
+import pytest
+import torch
+
+import evaluate
+from model import GPT, PRESETS, CompactTokenizer, GPTConfig, save_checkpoint
+from tasks import prompt_ids, response_ids
+
+SPLITS = ["test_id", "ood_long", "ood_reverse", "ood_names"]
+GOLD = {"coin": ("no", "yes"), "arith": ("5", "6")}  # (gold answer, a wrong one)
+RULES = ("counterfactual", "decompose")
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def record(rid, world, split, question, answer, probes=()):
+    return {"id": rid, "world": world, "split": split, "question": question, "answer": answer,
+            "rationale": f"The answer is {answer}.", "probes": list(probes)}
+
+
+def stub_records(split):
+    """Two coin and two arith problems per split; test_id problems carry one probe per rule.
+    The text names the item, so a stub can answer each one as the test decides."""
+    out = []
+    for world in GOLD:
+        for i in range(2):
+            rid = f"{split}-{world}-{i}"
+            probes = [{"rule": r, "question": f"Probe {r} of {rid}?", "answer": GOLD[world][0],
+                       "rationale": f"The answer is {GOLD[world][0]}."}
+                      for r in RULES] if split == "test_id" else []
+            out.append(record(rid, world, split, f"Problem {rid}?", GOLD[world][0], probes))
+    return out
+
+
+# which items each (run folder, checkpoint) answers right; everything else gets the wrong answer
+TEST_ID = ["test_id-coin-0", "test_id-coin-1", "test_id-arith-0", "test_id-arith-1"]
+RIGHT = {
+    ("s1", "sft_qa"): {"test_id-coin-0", "test_id-coin-1", "test_id-arith-0", "ood_long-coin-0",
+                       "ood_names-coin-0", "ood_names-coin-1", "ood_names-arith-0", "ood_names-arith-1",
+                       "counterfactual of test_id-coin-0", "decompose of test_id-coin-0",
+                       "decompose of test_id-coin-1", "decompose of test_id-arith-0"},
+    ("s2", "sft_qa"): {"test_id-coin-0", "ood_long-coin-0", "ood_long-arith-0", "ood_reverse-coin-0",
+                       "ood_names-coin-0", "ood_names-coin-1", "ood_names-arith-0", "ood_names-arith-1"},
+    ("s1", "rl_exgrpo"): set(TEST_ID),
+    ("s1", "sft_qa_f25"): {"test_id-coin-0", "ood_names-coin-0"},
+}
+CONFIGS = {"sft_qa": dict(stage="sft", data="qa", data_fraction=1.0),
+           "sft_qa_f25": dict(stage="sft", data="qa", data_fraction=0.25),
+           "rl_exgrpo": dict(stage="rl", algo="exgrpo", dsu_bonus=True, init="x/sft_qa.pt", data_fraction=1.0)}
+
+
+def nano_checkpoint(path, tok, config, model=None):
+    torch.manual_seed(0)
+    model = model or GPT(GPTConfig(**PRESETS["nano"], vocab_size=tok.n_vocab))
+    save_checkpoint(path, model, tok, step=7, extra={"stage": config["stage"], "config": config})
+
+
+@pytest.fixture
+def stub_runs(tmp_path, monkeypatch):
+    """Run folders s1 (three checkpoints) and s2 (sft_qa only) with logs; the student's answers
+    come from RIGHT, keyed on the checkpoint being evaluated."""
+    data = {s: stub_records(s) for s in SPLITS}
+    texts = [q for recs in data.values() for r in recs for q in [r["question"]] + [p["question"] for p in r["probes"]]]
+    tok = CompactTokenizer.from_texts(["Q: " + t + "\nA:" for t in texts])
+    for (run, name) in RIGHT:
+        for s in SPLITS:
+            write_jsonl(str(tmp_path / run / "data" / f"{s}.jsonl"), data[s])
+        nano_checkpoint(str(tmp_path / run / "ckpt" / f"{name}.pt"), tok, dict(CONFIGS[name], seed=int(run[1])))
+    write_jsonl(str(tmp_path / "s1" / "logs" / "sft_qa.jsonl"),
+                [{"step": s, "loss": 2.0 / s, "val_loss": 2.5 / s, "val_acc": 0.1 * s} for s in range(1, 6)])
+    write_jsonl(str(tmp_path / "s1" / "logs" / "rl_exgrpo.jsonl"),
+                [{"step": s, "reward": 0.5, "acc_full": 0.4, "kl": 0.01 * s, "dsu_fire_rate": 0.3}
+                 for s in range(1, 6)])
+    items = {r["question"]: (r["id"], r["world"]) for recs in data.values() for r in recs}
+    items.update({p["question"]: (f"{p['rule']} of {r['id']}", r["world"])
+                  for r in data["test_id"] for p in r["probes"]})
+    loaded = []
+    real_load = evaluate.load_model
+
+    def load(path, device):
+        loaded.append(path)
+        return real_load(path, device)
+
+    def answers(model, tok, questions, max_new_tokens, batch_size):
+        run, name = os.path.basename(os.path.dirname(os.path.dirname(loaded[-1]))), os.path.basename(loaded[-1])[:-3]
+        return [f"Because. The answer is {GOLD[items[q][1]][0 if items[q][0] in RIGHT[run, name] else 1]}."
+                for q in questions]
+
+    monkeypatch.setattr(evaluate, "load_model", load)
+    monkeypatch.setattr(evaluate, "greedy_answers", answers)
+    return tmp_path, loaded
+
+
+def run_main(tmp_path, *extra):
+    runs = ",".join(str(tmp_path / r) for r in ("s1", "s2"))
+    evaluate.main([f"--out_dir={tmp_path / 'all'}", f"--runs={runs}", "--batch_size=3", "--device=cpu", *extra])
+    report = open(tmp_path / "all" / "report" / "report.md").read()
+    return report, json.load(open(tmp_path / "all" / "report" / "results.json"))
+
+
+def cells(report, section, first):
+    """The cells after `first` in the row that starts with them, in the table under "## <section>"."""
+    text = [part for part in report.split("\n## ") if part.startswith(section)][0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    found = [r[len(first):] for r in rows if r[:len(first)] == first]
+    assert len(found) == 1, (section, first, report)
+    return found[0]
+
+
+def test_accuracy_equals_hand_count_and_seeds_aggregate(stub_runs):
+    tmp_path, _ = stub_runs
+    report, results = run_main(tmp_path)
+    # sft_qa, s1: test_id 3/4, ood_long 1/4, ood_reverse 0/4, ood_names 4/4 (split mean 0.5);
+    #         s2: 1/4, 2/4, 1/4, 4/4 (mean 0.5). Mean ± sample std of two values a, b: |a - b| / sqrt(2).
+    split = "Accuracy per split"
+    assert cells(report, split, ["vanilla SFT (sft_qa)"]) == \
+        ["50.0 ± 35.4", "37.5 ± 17.7", "12.5 ± 17.7", "100.0 ± 0.0", "50.0 ± 0.0", "2"]
+    assert cells(report, split, ["EXGRPO (rl_exgrpo)"]) == ["100.0", "0.0", "0.0", "0.0", "25.0", "1"]
+    assert cells(report, split, ["sft_qa_f25"]) == ["25.0", "0.0", "0.0", "25.0", "12.5", "1"]
+    # per world, sft_qa coin: test_id 2/2 and 1/2; ood_long 1/2, 1/2; ood_reverse 0/2, 1/2; ood_names 2/2, 2/2
+    world, sft = "Accuracy per world", "vanilla SFT (sft_qa)"
+    assert cells(report, world, [sft, "coin"]) == ["75.0 ± 35.4", "50.0 ± 0.0", "25.0 ± 35.4", "100.0 ± 0.0"]
+    assert cells(report, world, [sft, "arith"]) == ["25.0 ± 35.4", "25.0 ± 35.4", "0.0 ± 0.0", "100.0 ± 0.0"]
+    # EI probes, sft_qa: counterfactual 1/4 and 0/4, decompose 3/4 and 0/4, all 4/8 and 0/8
+    assert cells(report, "EI-probe", ["method"]) == ["counterfactual", "decompose", "all"]
+    assert cells(report, "EI-probe", ["vanilla SFT (sft_qa)"]) == ["12.5 ± 17.7", "37.5 ± 53.0", "25.0 ± 35.4"]
+    s1 = results["checkpoints"][str(tmp_path / "s1" / "ckpt" / "sft_qa.pt")]
+    assert s1["acc"]["test_id"] == {"coin": [2, 2], "arith": [1, 2]}
+    assert s1["probes"]["decompose"] == {"coin": [2, 2], "arith": [1, 2]}
+
+
+def test_report_lists_every_split_and_method_in_order_and_writes_plots(stub_runs):
+    tmp_path, _ = stub_runs
+    report, _ = run_main(tmp_path)
+    assert cells(report, "Accuracy per split", ["method"]) == SPLITS + ["mean", "n"]
+    assert cells(report, "Accuracy per world", ["method", "world"]) == SPLITS
+    assert report.index("vanilla SFT (sft_qa)") < report.index("EXGRPO (rl_exgrpo)") < report.index("| sft_qa_f25")
+    folder = tmp_path / "all" / "report"
+    for png in ("accuracy.png", "ei_probes.png", "curves_sft.png", "curves_rl.png", "data_efficiency.png"):
+        assert f"]({png})" in report
+        image = matplotlib.image.imread(str(folder / png))
+        assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0  # a drawn figure, not blank
+
+
+def test_reuse_evaluates_only_changed_checkpoints(stub_runs):
+    tmp_path, loaded = stub_runs
+    first, _ = run_main(tmp_path)
+    assert len(loaded) == 4
+    changed = tmp_path / "s2" / "ckpt" / "sft_qa.pt"
+    os.utime(changed, (1, 1))
+    second, _ = run_main(tmp_path, "--reuse=True")
+    assert loaded[4:] == [str(changed)] and second == first
+    os.utime(tmp_path / "s1" / "data" / "ood_names.jsonl", (1, 1))  # regenerated data: s1's checkpoints again
+    run_main(tmp_path, "--reuse=True")
+    assert sorted(os.path.basename(p) for p in loaded[5:]) == ["rl_exgrpo.pt", "sft_qa.pt", "sft_qa_f25.pt"]
+    run_main(tmp_path, "--reuse=True", "--max_new_tokens=20")  # other settings: every checkpoint again
+    assert len(loaded) == 12
+
+
+def coin_question(names, flips):
+    q = "A coin is heads up."
+    for name, flip in zip(names, flips):
+        q += f" {name} {'flips' if flip else 'does not flip'} the coin."
+    return q + " Is the coin still heads up?"
+
+
+def test_real_tiny_model_that_always_says_yes(tmp_path):
+    """A nano student trained to answer "The answer is yes." to everything: its accuracy on each
+    split is the share of problems whose gold answer is yes, counted here by hand."""
+    flips = {"test_id": [[1], [0], [0]], "ood_long": [[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 1]],
+             "ood_reverse": [[1], [1]], "ood_names": [[0, 1], [1, 1], [0, 0]]}
+    data = {}
+    for split, patterns in flips.items():
+        data[split] = []
+        for i, f in enumerate(patterns):
+            gold = "yes" if sum(f) % 2 == 0 else "no"
+            ann = "yes" if f[0] else "no"
+            probes = [{"rule": "verify", "question": f"Did Ann flip the coin {i}?", "answer": ann,
+                       "rationale": f"The answer is {ann}."}] if split == "test_id" else []
+            question = coin_question(["Ann", "Bob", "Eve"], f)
+            data[split].append(record(f"{split}-{i}", "coin", split, question, gold, probes))
+        write_jsonl(str(tmp_path / "run" / "data" / f"{split}.jsonl"), data[split])
+    questions = [q for recs in data.values() for r in recs
+                 for q in [r["question"]] + [p["question"] for p in r["probes"]]]
+    tok = CompactTokenizer.from_texts(["Q: " + q + "\nA:" for q in questions] + [" The answer is yes. no"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**PRESETS["nano"], vocab_size=tok.n_vocab))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    seqs = [prompt_ids(tok, q) + response_ids(tok, "The answer is yes.") for q in questions]
+    starts = [len(prompt_ids(tok, q)) for q in questions]
+    T = max(map(len, seqs))
+    x = torch.tensor([s + [tok.eot] * (T - len(s)) for s in seqs])
+    y = torch.tensor([[-1] * (p - 1) + s[p:] + [-1] * (T - len(s) + 1) for s, p in zip(seqs, starts)])
+    for _ in range(150):
+        loss = model(x[:, :-1], y[:, :-1])[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    nano_checkpoint(str(tmp_path / "run" / "ckpt" / "sft_qa.pt"), tok, CONFIGS["sft_qa"], model)
+    evaluate.main([f"--out_dir={tmp_path / 'run'}", "--batch_size=4", "--device=cpu"])
+    report = open(tmp_path / "run" / "report" / "report.md").read()
+    # yes-golds (an even number of flips): test_id 2/3, ood_long 3/4 (flip counts 1, 2, 0, 2),
+    # ood_reverse 0/2, ood_names 2/3; split mean (66.67 + 75 + 0 + 66.67) / 4 = 52.1;
+    # probes: Ann flipped in 1 of the 3 test_id problems
+    assert cells(report, "Accuracy per split", ["vanilla SFT (sft_qa)"]) == ["66.7", "75.0", "0.0", "66.7", "52.1", "1"]
+    assert cells(report, "EI-probe", ["vanilla SFT (sft_qa)"]) == ["33.3", "33.3"]
+
+    # the same checkpoint on data with a word its compact vocabulary lacks: one sentence naming both
+    write_jsonl(str(tmp_path / "other" / "data" / "test_id.jsonl"),
+                [record("x", "coin", "test_id", coin_question(["Zoltan"], [1]), "no")])
+    with pytest.raises(SystemExit, match=r"sft_qa\.pt cannot be evaluated on .*other/data: .*not in this compact"):
+        evaluate.main([f"--out_dir={tmp_path / 'other'}", f"--ckpts={tmp_path / 'run' / 'ckpt' / 'sft_qa.pt'}",
+                       "--splits=test_id", "--device=cpu"])
+
+
+def test_missing_inputs_are_one_clear_sentence(tmp_path):
+    with pytest.raises(SystemExit, match=r"no checkpoints in .*empty/ckpt: train with distill_rl\.py first"):
+        evaluate.main([f"--out_dir={tmp_path / 'empty'}"])
+    tok = CompactTokenizer.from_texts(["Q: a\nA:"])
+    nano_checkpoint(str(tmp_path / "run" / "ckpt" / "sft_qa.pt"), tok, CONFIGS["sft_qa"])
+    with pytest.raises(SystemExit, match=r"no checkpoint rl_grpo\.pt in "):
+        evaluate.main([f"--out_dir={tmp_path / 'run'}", "--ckpts=rl_grpo"])
+    with pytest.raises(SystemExit, match=r"run/data/test_id\.jsonl does not exist: run `python invert\.py"):
+        evaluate.main([f"--out_dir={tmp_path / 'run'}"])
