@@ -1,0 +1,259 @@
+"""Stage 1: Explanatory Inversion (METHOD.md) -> the EI dataset on disk.
+
+    python invert.py                                    # the oracle teacher, all four worlds
+    python invert.py --teacher=out/x/ckpt/sft_ei.pt     # a checkpoint of ours as the teacher
+    python invert.py --input_jsonl=mine.jsonl           # a user's records -> train.jsonl
+
+Problems (tasks.py) -> the teacher's rationale (a problem it gets wrong is dropped) -> the EI rules
+-> the teacher answers each EI probe (a probe it gets wrong is dropped) -> consistency filter (Eq. 1:
+the teacher re-answers Q with the probe dialogue in front; the probe stays only if it still gets A)
+-> out_dir/data/{split}.jsonl (every world in one file per split, in world order) and stats.json.
+The teacher filters shape the training data only: val, test_id and the OOD splits keep every problem
+with the exact rationale and exact EI probes, so every method is measured on the same yardstick.
+The difficulty filter (Eq. 2) is here too; distill_rl.py applies it with the student that enters RL.
+"""
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import tasks
+from model import get_tokenizer, load_model, parse_config
+from tasks import SPLITS, dialogue_ids, is_correct, load_records, prompt_ids, response_ids
+
+
+@dataclass
+class Config:
+    out_dir: str = 'out/default'              # writes out_dir/data/{split}.jsonl and stats.json
+    worlds: str = 'arith,coin,date,swap'      # comma-separated worlds of tasks.py
+    n_train: int = 2000                       # problems per world in train
+    n_val: int = 200                          # ... in val
+    n_test: int = 200                         # ... in test_id
+    n_ood: int = 200                          # ... in each of ood_long, ood_reverse, ood_names
+    min_events: int = 2                       # events per problem (every split but ood_long)
+    max_events: int = 4
+    long_min_events: int = 6                  # events per ood_long problem: more than any training one
+    long_max_events: int = 7
+    n_facts: int = 1                          # distractor facts per problem (the premise rule asks about one)
+    rules: str = ','.join(tasks.DEFAULT_RULES)  # EI rules; adding 'inverse' gives the RevThink-style data
+    seed: int = 1337
+    teacher: str = 'oracle'                   # 'oracle' (tasks.py, exact) or a checkpoint answering greedily
+    teacher_batch: int = 64                   # prompts per generate call of a checkpoint teacher
+    teacher_max_new_tokens: int = 128
+    device: str = 'cpu'
+    input_jsonl: str = ''                     # a user's JSONL (question, answer, rationale, probes) instead
+    n_examples: int = 1                       # examples printed per world
+
+
+class CheckpointTeacher:
+    """A GPT checkpoint of ours answering greedily through the student's prompt format. A prompt it cannot
+    read (a token outside its vocabulary, too long for its block) gets an empty response: a wrong one."""
+
+    def __init__(self, path, device='cpu', batch_size=64, max_new_tokens=128):
+        self.model, self.tok, _ = load_model(path, device)
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+
+    def prompt(self, turns, question):
+        try:
+            ids = dialogue_ids(self.tok, turns, question)
+        except ValueError:
+            return None
+        return ids if len(ids) + self.max_new_tokens <= self.model.config.block_size else None
+
+    @torch.no_grad()
+    def respond(self, dialogues):
+        """dialogues: [(turns [(question, response)], question)] -> [response text]."""
+        prompts = [self.prompt(turns, q) for turns, q in dialogues]
+        out = [''] * len(prompts)
+        todo = sorted((i for i, p in enumerate(prompts) if p is not None), key=lambda i: len(prompts[i]))
+        for b in tqdm(range(0, len(todo), self.batch_size), desc='teacher', leave=False):
+            rows = todo[b:b + self.batch_size]
+            tokens, mask = self.model.generate([prompts[i] for i in rows], self.max_new_tokens, temperature=0,
+                                               eot=self.tok.eot)
+            for i, row, m in zip(rows, tokens.tolist(), mask.tolist()):
+                out[i] = self.tok.decode([t for t, keep in zip(row, m) if keep and t != self.tok.eot]).strip()
+        return out
+
+
+def teacher_answers(teacher, records):
+    """The teacher's rationale for each Q (Q dropped when it is wrong) and for each EI probe (the probe
+    dropped when it is wrong; the record keeps the exact answer). Returns (records, counts)."""
+    said = teacher.respond([([], r['question']) for r in records])
+    kept = [{**r, 'rationale': t} for r, t in zip(records, said)
+            if is_correct(r['world'], t, r['answer'], r['question'])]
+    flat = [(i, pr) for i, r in enumerate(kept) for pr in r['probes']]
+    said = teacher.respond([([], pr['question']) for _, pr in flat])
+    probes, wrong = [[] for _ in kept], Counter()
+    for (i, pr), t in zip(flat, said):
+        if is_correct(kept[i]['world'], t, pr['answer'], pr['question']):
+            probes[i].append({**pr, 'rationale': t})
+        else:
+            wrong[pr['rule']] += 1
+    return [{**r, 'probes': p} for r, p in zip(kept, probes)], {'removed_teacher_wrong': len(records) - len(kept),
+                                                                 'removed_probe_wrong': dict(wrong)}
+
+
+def consistency_filter(teacher, records):
+    """Eq. 1: keep probe k of Q only if the teacher, shown [probe_k, its rationale and answer, Q], still
+    answers Q with A. Returns (records, removed probes per rule)."""
+    flat = [(i, pr) for i, r in enumerate(records) for pr in r['probes']]
+    said = teacher.respond([([(pr['question'], pr['rationale'])], records[i]['question']) for i, pr in flat])
+    probes, removed = [[] for _ in records], Counter()
+    for (i, pr), t in zip(flat, said):
+        r = records[i]
+        if is_correct(r['world'], t, r['answer'], r['question']):
+            probes[i].append(pr)
+        else:
+            removed[pr['rule']] += 1
+    return [{**r, 'probes': p} for r, p in zip(records, probes)], dict(removed)
+
+
+def difficulty_filter(records, answer_fn, tau_hard=1):
+    """Eq. 2: keep Q when tau_hard <= L < N'_Q, where N'_Q is the number of Q's EI probes and L the number
+    the student answers right; drop Q when N'_Q = 0. answer_fn(probe questions) -> response texts (e.g.
+    the student's greedy generate). Returns (kept records, counts of kept and of each kind dropped)."""
+    flat = [(i, pr) for i, r in enumerate(records) for pr in r['probes']]
+    said = answer_fn([pr['question'] for _, pr in flat]) if flat else []
+    if len(said) != len(flat):
+        raise ValueError(f'answer_fn gave {len(said)} responses for {len(flat)} probe questions')
+    right = Counter()
+    for (i, pr), t in zip(flat, said):
+        right[i] += is_correct(records[i]['world'], t, pr['answer'], pr['question'])
+    counts, kept = dict(kept=0, dropped_all_correct=0, dropped_too_few=0, dropped_no_probes=0), []
+    for i, r in enumerate(records):
+        n = len(r['probes'])
+        key = ('dropped_no_probes' if n == 0 else 'dropped_all_correct' if right[i] == n
+               else 'dropped_too_few' if right[i] < tau_hard else 'kept')
+        counts[key] += 1
+        kept += [r] if key == 'kept' else []
+    return kept, counts
+
+
+def write_jsonl(path, records):
+    """Atomically (a temp file in the same folder, then a rename), keys sorted: byte-identical reruns."""
+    write_text(path, ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
+
+
+def write_text(path, text):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def percentiles(values):
+    v = sorted(values) or [0]
+    return {f'p{q}': v[min(len(v) - 1, len(v) * q // 100)] for q in (50, 90, 99)} | {'max': v[-1]}
+
+
+def token_lengths(records, ks=(3, 5)):
+    """GPT-2 token counts of the prompts and responses, and of the longest EXGRPO dialogue of each
+    Q (its k longest probe turns, then Q and its response): what block_size must hold."""
+    tok = get_tokenizer()
+    q = {r['question']: len(prompt_ids(tok, r['question'])) for r in records}
+    a = {r['rationale']: len(response_ids(tok, r['rationale'])) for r in records}
+    turns = [[len(prompt_ids(tok, p['question'])) + len(response_ids(tok, p['rationale'])) for p in r['probes']]
+             for r in records]
+    pq = [len(prompt_ids(tok, p['question'])) for r in records for p in r['probes']]
+    pa = [len(response_ids(tok, p['rationale'])) for r in records for p in r['probes']]
+    return {'question': percentiles(q.values()), 'rationale': percentiles(a.values()),
+            'probe_question': percentiles(pq), 'probe_rationale': percentiles(pa)} | {
+            f'dialogue_k{k}_longest': percentiles(sum(sorted(t)[-k:]) + q[r['question']] + a[r['rationale']]
+                                                  for r, t in zip(records, turns)) for k in ks}
+
+
+def curate(teacher, records, rules):
+    """D_EI from one world's training problems: the teacher's answers, then Eq. 1. Returns (records, stats)."""
+    made, n = Counter(pr['rule'] for r in records for pr in r['probes']), len(records)
+    kept, stats = teacher_answers(teacher, records)
+    kept, stats['removed_inconsistent'] = consistency_filter(teacher, kept)
+    return kept, {'problems_generated': n, 'probes_made': dict(made),
+                  'not_applicable': {rule: n - made[rule] for rule in rules if made[rule] < n}, **stats,
+                  'probes_kept': dict(Counter(pr['rule'] for r in kept for pr in r['probes']))}
+
+
+def synthetic(cfg, worlds, rules):
+    """{split: records} from tasks.py's worlds, the training split through the teacher, and stats."""
+    sizes = {'train': cfg.n_train, 'val': cfg.n_val, 'test_id': cfg.n_test,
+             'ood_long': cfg.n_ood, 'ood_reverse': cfg.n_ood, 'ood_names': cfg.n_ood}
+    teacher = None if cfg.teacher == 'oracle' else CheckpointTeacher(cfg.teacher, cfg.device, cfg.teacher_batch,
+                                                                     cfg.teacher_max_new_tokens)
+    data, filters = {s: [] for s in SPLITS}, {}
+    for world in worlds:
+        problems = tasks.make_dataset(world, sizes, cfg.seed, (cfg.min_events, cfg.max_events),
+                                      (cfg.long_min_events, cfg.long_max_events), cfg.n_facts)
+        for split, ps in problems.items():
+            recs = [tasks.to_record(p, tasks.ei_probes(p, rules, cfg.seed))
+                    for p in tqdm(ps, desc=f'{world} {split}', leave=False)]
+            if split == 'train':
+                recs, filters[world] = curate(teacher or tasks.OracleTeacher(recs), recs, rules)
+            data[split] += recs
+    return data, {'train_filters': filters}
+
+
+def user_data(cfg):
+    """The user's records as the training split; with a checkpoint teacher, through the consistency filter
+    (the oracle only knows tasks.py's questions, so with it the user's probes are kept as they are)."""
+    records = [{**r, 'split': 'train'} for r in load_records(cfg.input_jsonl)]
+    if cfg.teacher == 'oracle':
+        return {'train': records}, {'consistency_filter': 'skipped: the oracle only knows tasks.py questions'}
+    teacher = CheckpointTeacher(cfg.teacher, cfg.device, cfg.teacher_batch, cfg.teacher_max_new_tokens)
+    records, removed = consistency_filter(teacher, records)
+    return {'train': records}, {'train_filters': {'removed_inconsistent': removed}}
+
+
+def build(cfg):
+    """Write out_dir/data/*.jsonl and stats.json; return (data, stats)."""
+    worlds, rules = cfg.worlds.split(','), cfg.rules.split(',')
+    for what, names, known in (('world', worlds, tasks.WORLDS), ('rule', rules, tasks.EI_RULES)):
+        if not set(names) <= set(known):
+            raise SystemExit(f"unknown {what} {sorted(set(names) - set(known))}; choose from {','.join(known)}")
+    if not 1 <= cfg.min_events <= cfg.max_events < cfg.long_min_events <= cfg.long_max_events <= len(tasks.ORD):
+        raise SystemExit('need 1 <= min_events <= max_events < long_min_events <= long_max_events <= 10 '
+                         '(ood_long must be longer than every training problem)')
+    data, stats = user_data(cfg) if cfg.input_jsonl else synthetic(cfg, worlds, rules)
+    folder = os.path.join(cfg.out_dir, 'data')
+    os.makedirs(folder, exist_ok=True)
+    for split, recs in data.items():
+        write_jsonl(os.path.join(folder, f'{split}.jsonl'), recs)
+    stats = {'config': asdict(cfg),
+             'splits': {s: {w: {'problems': sum(r['world'] == w for r in recs),
+                                'probes': sum(len(r['probes']) for r in recs if r['world'] == w)}
+                            for w in sorted({r['world'] for r in recs})} for s, recs in data.items()},
+             **stats, 'token_lengths_gpt2_train': token_lengths(data['train'])}
+    write_text(os.path.join(folder, 'stats.json'), json.dumps(stats, indent=1, sort_keys=True) + '\n')
+    return data, stats
+
+
+def report(data, stats, cfg):
+    """Print a few training examples (each with its first EI probes) and the stats."""
+    printed = Counter()
+    for r in data['train']:
+        if printed[r['world']] < cfg.n_examples:
+            printed[r['world']] += 1
+            print(f"[{r['id']}] Q: {r['question']}\n  A: {r['rationale']}")
+            story = r['question'][:r['latent']['query_start']] if r['latent'] else r['question']
+            for pr in r['probes'][:3]:
+                q = '... ' + pr['question'][len(story):] if pr['question'].startswith(story) else pr['question']
+                print(f"  {pr['rule']}: {q}\n    -> {pr['rationale']}")
+    for split, by_world in stats['splits'].items():
+        print(f'{split:12s}' + '  '.join(f"{w} {c['problems']} problems {c['probes']} probes"
+                                          for w, c in by_world.items()))
+    for world, f in stats.get('train_filters', {}).items():
+        shown = {k: v for k, v in f.items() if k != 'probes_made'}
+        print(f'train filters {world}: {json.dumps(shown, sort_keys=True)}')
+    for what, p in stats['token_lengths_gpt2_train'].items():
+        print(f'tokens {what:20s} ' + ' '.join(f'{k} {v}' for k, v in p.items()))
+
+
+if __name__ == '__main__':
+    cfg = parse_config(Config(), sys.argv[1:])
+    t0 = time.time()
+    data, stats = build(cfg)
+    report(data, stats, cfg)
+    print(f"wrote {os.path.join(cfg.out_dir, 'data')} in {time.time() - t0:.1f} s")

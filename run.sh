@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The main job: every stage of the method top to bottom on the embedded default (a tiny student
+# trained from scratch on CPU, the oracle teacher), into one run folder per seed, then one report.
+#
+#   bash run.sh                      # one seed into out/default            (measured time: README)
+#   bash run.sh --quick              # a one-minute smoke run into out/quick
+#   bash run.sh --seeds "1 2 3"      # one run folder per seed, report over all of them
+#   bash run.sh --preset config/gpu_gpt2.py   # GPT-2 124M on one GPU (README: "On a GPU")
+set -euo pipefail
+cd "$(dirname "$0")"
+
+preset=config/cpu_tiny.py
+seeds="1"
+out=""
+quick=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=config/quick.py ;;
+        --seeds) seeds="$2"; shift ;;
+        --preset) preset="$2"; shift ;;
+        --out) out="$2"; shift ;;
+        *) echo "run.sh: unknown argument $1 (options: --quick, --seeds \"1 2 3\", --preset FILE, --out DIR)" >&2; exit 2 ;;
+    esac
+    shift
+done
+if [ -z "$out" ]; then
+    out=$([ -n "$quick" ] && echo out/quick || python -c "exec(open('$preset').read()); print(out_dir)")
+fi
+configs="$preset $quick"
+start=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }
+
+runs=""
+for seed in $seeds; do
+    run=$out
+    [ "$(echo $seeds | wc -w)" -gt 1 ] && run=$out/seed$seed
+    runs="$runs${runs:+,}$run"
+    stamp "seed $seed -> $run"
+    # stage 1: problems, teacher rationales, EI probes, consistency filter (the data is the same for every seed)
+    python invert.py $configs --out_dir=$run --n_examples=0
+    # stage 2: vanilla distillation and EI-SFT (the warm start and the frozen reference of every RL row)
+    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=sft --data=qa
+    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=sft --data=ei
+    # stage 3: the RL rows of the ablation, all from the EI-SFT student
+    sft=$run/ckpt/sft_ei.pt
+    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=rl --init=$sft --algo=grpo --name=rl_grpo
+    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=rl --init=$sft --algo=exgrpo \
+        --dsu_bonus=False --name=rl_exgrpo_nobonus
+    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=rl --init=$sft --algo=exgrpo --name=rl_exgrpo
+    # linear probes on the students' hidden states, two worlds
+    ckpts=vanilla=$run/ckpt/sft_qa.pt,ei_sft=$run/ckpt/sft_ei.pt,exgrpo=$run/ckpt/rl_exgrpo.pt
+    for world in coin swap; do
+        python probe.py --checkpoints=$ckpts --data=$run/data --world=$world --target=state --positions=event \
+            --out_dir=$run/probe $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1" )
+    done
+done
+stamp "evaluate"
+python evaluate.py --runs=$runs --out_dir=$out $( [ -n "$quick" ] && echo "--max_problems=8" || echo "--max_problems=100" )
+stamp "done: $out/report/report.md"

@@ -1,0 +1,750 @@
+"""The synthetic reasoning worlds, their exact solver (the oracle teacher) and the ten EI rules.
+
+Four state-tracking worlds, each problem a structured record (initial state, ordered events,
+distractor facts, template choices) rendered to one line of text, solved exactly and explained by a
+short rationale ending "The answer is X.":
+  arith  a quantity changes by events (buys, gives, loses, doubles); X is an integer 0..99
+  coin   people flip or do not flip a coin; X is yes/no ("is it still heads up?")
+  date   a date moves by days, weeks or months (a 365-day year, no year written); X is "April 5"
+  swap   three people trade objects; X is an option letter ("Options: (A) ball (B) hat (C) pen.")
+Splits: train, val, test_id and, out of distribution, ood_long (longer chains), ood_reverse (the
+question gives the final state and asks for the initial one: GSM8K-Reversal's analogue) and
+ood_names (names and objects never used in training). Generation is seeded and deterministic.
+
+The EI rules of METHOD.md are functions over the structured problem, so every EI probe comes with an
+exact rationale and answer; a rule that does not fit a problem returns None. Probe questions restate
+the story, because the student sees them alone. Also here, defined once for every stage: the oracle
+teacher, the prompt format (EOT separates turns), answer extraction and checking, and the JSONL
+record with its reader load_records.
+"""
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+NAMES = {'train': ('Tom', 'Ann', 'Bob', 'Eve', 'Sam', 'Max', 'Amy', 'Joe', 'Kim', 'Dan', 'Liz', 'Ben'),
+         'ood': ('Ivan', 'Olga', 'Raj', 'Yuki', 'Omar', 'Nina', 'Hugo', 'Lena', 'Igor', 'Mona')}
+ITEMS = {'train': ('apples', 'marbles', 'stickers', 'cards', 'pencils', 'cookies'),
+         'ood': ('shells', 'stamps', 'buttons', 'beads')}
+THINGS = {'train': ('party', 'trip', 'meeting', 'exam'), 'ood': ('concert', 'wedding', 'picnic', 'race')}
+OBJECTS = {'train': ('ball', 'hat', 'pen', 'book', 'cup', 'key', 'bag', 'box'),
+           'ood': ('kite', 'drum', 'lamp', 'vase', 'fork', 'ring')}
+SPLITS = ('train', 'val', 'test_id', 'ood_long', 'ood_reverse', 'ood_names')
+DEFAULT_RULES = ('counterfactual', 'step_challenge', 'decompose', 'verify', 'cause', 'compare',
+                 'hypothesis', 'process', 'premise', 'analogy')
+ORD = ('first', 'second', 'third', 'fourth', 'fifth', 'sixth', 'seventh', 'eighth', 'ninth', 'tenth')
+MONTHS = ('January', 'February', 'March', 'April', 'May', 'June', 'July', 'August', 'September',
+          'October', 'November', 'December')
+DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+FACTS = ('{name} is {n} years old.', '{name} has {n} {item}.')  # distractors: never change the state
+WHEN = ('now', 'at the end')
+
+
+@dataclass
+class Problem:
+    id: str
+    world: str
+    split: str
+    ctx: dict       # the entities the templates name (hero, item, people, options...)
+    init: object    # the state before any event
+    events: list    # tuples (kind, ...)
+    facts: list = field(default_factory=list)  # (slot, template, name, number, item): slot = events before it
+    tpl: list = field(default_factory=list)    # template choice per sentence: init, each event, query
+    reverse: bool = False                      # ood_reverse: the final state is given, the initial asked
+
+
+@dataclass
+class Probe:
+    rule: str
+    question: str
+    rationale: str
+    answer: str
+
+
+def plural(n, unit):
+    return f'{n} {unit}' + ('' if n == 1 else 's')
+
+
+def after(i, n):
+    return 'at the end' if i == n else 'after the first event' if i == 1 else f'after the first {i} events'
+
+
+def others(pool, used):
+    return [x for x in pool if x not in used]
+
+
+def largest(deltas, noun):
+    """cause: the event with the largest change (None on a tie), explained."""
+    top = max(abs(d) for d in deltas)
+    if [abs(d) for d in deltas].count(top) > 1:
+        return None
+    i = [abs(d) for d in deltas].index(top)
+    return f"The {noun} are {', '.join(f'{d:+d}' for d in deltas)}. The largest is the {ORD[i]}.", ORD[i]
+
+
+class World:
+    """What the worlds share; each world says how its states, events and questions read."""
+    def query(self, p, t): return self.ask(p, WHEN[t % 2])
+    def value(self, p, s): return self.answer(p, s)  # the state in words, e.g. for a list of states
+    def conclusion(self, p, s, past): return []       # a last rationale sentence before the answer
+    def effect(self, p, e): return None               # step_challenge: what one event does
+
+
+class Arith(World):
+    name, latent_name = 'arith', 'last_digit'
+    INIT = ('{h} has {c}.', '{h} starts with {c}.')
+    EVENT = {'add': ('{h} buys {c}.', '{h} finds {c}.', '{o} gives {h} {c}.'),
+             'sub': ('{h} gives {c} to {o}.', '{h} loses {c}.', '{h} sells {c}.'),
+             'dbl': ('{h} doubles the {item}.', '{h} gets twice as many {item}.')}
+    SIGN = {'add': '+', 'sub': '-', 'dbl': '*'}
+
+    def sample(self, rng, n, pool, reverse):
+        h, o = rng.sample(NAMES[pool], 2)
+        v = rng.randint(2, 40)
+        return {'h': h, 'o': o, 'item': rng.choice(ITEMS[pool])}, v, self.kinds_to_events(rng, v, [None] * n)
+
+    def kinds_to_events(self, rng, v, kinds):
+        """Events with fresh amounts (kinds None = free), every state staying in 0..99; None if stuck."""
+        events = []
+        for kind in kinds:
+            ok = [k for k, fits in (('add', v < 99), ('sub', v > 0), ('dbl', 0 < v <= 49)) if fits]
+            kind = kind or rng.choices(ok, weights=[2 if k != 'dbl' else 1 for k in ok])[0]
+            if kind not in ok:
+                return None
+            e = (kind, rng.randint(1, min(20, 99 - v if kind == 'add' else v)) if kind != 'dbl' else 2)
+            events.append(e)
+            v = self.step(v, e)
+        return events
+
+    def step(self, v, e):
+        kind, k = e
+        w = v + k if kind == 'add' else v - k if kind == 'sub' else v * 2
+        return w if 0 <= w <= 99 else None
+
+    def count(self, p, n): return f"{n} {p.ctx['item'][:-1] if int(n) == 1 else p.ctx['item']}"  # 1 apple
+    def people(self, p): return [p.ctx['h'], p.ctx['o']]
+    def init_text(self, p, v, t): return self.INIT[t % 2].format(c=self.count(p, v), **p.ctx)
+    def event_text(self, p, e, t):
+        return self.EVENT[e[0]][t % len(self.EVENT[e[0]])].format(c=self.count(p, e[1]), **p.ctx)
+    def ask(self, p, when): return f"How many {p.ctx['item']} does {p.ctx['h']} have {when}?"
+    def now_text(self, p, v): return f"Now {p.ctx['h']} has {self.count(p, v)}."
+    def back_query(self, p): return f"How many {p.ctx['item']} did {p.ctx['h']} have at first?"
+    def step_text(self, a, e, b, p): return f'{a} {self.SIGN[e[0]]} {e[1]} = {b}.'
+    def undo_text(self, b, e, a, p): return f"{b} {dict(add='-', sub='+', dbl='/')[e[0]]} {e[1]} = {a}."
+    def answer(self, p, v): return str(v)
+    def latent(self, p, v): return str(v % 10)
+    def claim(self, p, v): return f"{p.ctx['h']} has {self.count(p, v)}"
+    def what(self, p): return f"how many {p.ctx['item']} {p.ctx['h']} has"
+    def wrong(self, p, v, rng): return str(v + rng.choice([1, 2, 3] if v < 4 else [-3, -2, -1, 1, 2, 3]))
+
+    def effect(self, p, e):
+        kind, k = e
+        h = p.ctx['h']
+        reason, ans = {'add': (f'{h} gets {k} more.', f'add {k}'), 'sub': (f'{h} has {k} fewer.', f'subtract {k}'),
+                       'dbl': (f'{h} gets twice as many.', 'double')}[kind]
+        return f"What does it do to the number of {p.ctx['item']}?", reason, ans
+
+    def compare(self, p, states):
+        a, b = states[0], states[-1]
+        ans = 'more' if b > a else 'fewer' if b < a else 'same'
+        return (f"Compared with before the events, does {p.ctx['h']} have more, fewer, or the same number of "
+                f"{p.ctx['item']} now?", f"{p.ctx['h']} goes from {a} to {b}.", ans)
+
+    def cause(self, p, states):
+        got = largest([b - a for a, b in zip(states, states[1:])], 'changes')
+        return got and (f"Which event changes the number of {p.ctx['item']} the most?",) + got
+
+    def premise(self, p, states, rng):
+        used = [p.init] + [k for kind, k in p.events if kind != 'dbl']
+        return 'number', str(rng.choice(used)), f"how many {p.ctx['item']} {p.ctx['h']} has now"
+
+    def perturb(self, p, rng):
+        for d in rng.sample([-9, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8, 9], 18):
+            alt = replace(p, init=p.init + d)
+            if 0 < alt.init <= 99 and chain(alt):
+                return alt, self.init_text(p, alt.init, p.tpl[0])
+        return None
+
+    def analogue(self, p, rng):
+        h, o = rng.sample(others(NAMES['train'], self.people(p)), 2)
+        ctx = {'h': h, 'o': o, 'item': rng.choice(others(ITEMS['train'], [p.ctx['item']]))}
+        for _ in range(100):
+            v = rng.randint(2, 40)
+            events = self.kinds_to_events(rng, v, [e[0] for e in p.events])
+            if events and (v, events) != (p.init, p.events):
+                return replace(p, ctx=ctx, init=v, events=events)
+        return None
+
+
+class Coin(World):
+    name, latent_name = 'coin', 'side'
+    INIT = ('A coin is {s} up.', 'The coin starts {s} up.')
+    EVENT = {'flip': ('{n} flips the coin.', '{n} turns the coin over.'),
+             'keep': ('{n} does not flip the coin.', '{n} leaves the coin alone.')}
+
+    def sample(self, rng, n, pool, reverse):
+        init = rng.choice(['heads', 'tails']) if reverse else 'heads'
+        return {}, init, [(rng.choice(['flip', 'keep']), name) for name in rng.sample(NAMES[pool], n)]
+
+    def step(self, s, e): return s if e[0] == 'keep' else {'heads': 'tails', 'tails': 'heads'}[s]
+    def people(self, p): return [e[1] for e in p.events]
+    def init_text(self, p, s, t): return self.INIT[t % 2].format(s=s)
+    def event_text(self, p, e, t): return self.EVENT[e[0]][t % 2].format(n=e[1])
+    def query(self, p, t):
+        return 'Is the coin still heads up?' if t % 2 and p.init == 'heads' else self.ask(p, 'now')
+    def ask(self, p, when): return f'Is the coin heads up {when}?'
+    def now_text(self, p, s): return f'Now the coin is {s} up.'
+    def back_query(self, p): return 'Was the coin heads up at first?'
+    def step_text(self, a, e, b, p): return f"{e[1]} {'flips' if e[0] == 'flip' else 'does not flip'}, {b}."
+    def undo_text(self, b, e, a, p): return f'Undo {e[1]}: {a}.'
+    def value(self, p, s): return s
+    def answer(self, p, s): return 'yes' if s == 'heads' else 'no'
+    def latent(self, p, s): return s
+    def claim(self, p, v): return f'the coin is {v} up'
+    def what(self, p): return 'which side is up'
+    def wrong(self, p, s, rng): return self.step(s, ('flip', ''))
+
+    def effect(self, p, e):
+        if e[0] == 'flip':
+            return 'Does it change which side is up?', 'Flipping turns the coin over.', 'yes'
+        return 'Does it change which side is up?', 'Not flipping leaves the coin as it is.', 'no'
+
+    def compare(self, p, states):
+        c = sum(e[0] == 'flip' for e in p.events)
+        return ('Is the coin on the same side now as before the events?',
+                f"There {'is' if c == 1 else 'are'} {plural(c, 'flip')}, and {c} is {'odd' if c % 2 else 'even'}.",
+                'no' if c % 2 else 'yes')
+
+    def cause(self, p, states):
+        flips = [i for i, e in enumerate(p.events) if e[0] == 'flip']
+        if not flips:
+            return None
+        i = flips[-1]
+        who = p.events[i][1]
+        return 'Who is the last person to flip the coin?', f'The last flip is the {ORD[i]} event, by {who}.', who
+
+    def premise(self, p, states, rng):
+        flippers = [e[1] for e in p.events if e[0] == 'flip']
+        return ('person', rng.choice(flippers), 'whether the coin is heads up') if flippers else None
+
+    def perturb(self, p, rng):
+        i = rng.randrange(len(p.events))
+        e = ({'flip': 'keep', 'keep': 'flip'}[p.events[i][0]], p.events[i][1])
+        return replace(p, events=p.events[:i] + [e] + p.events[i + 1:]), self.event_text(p, e, p.tpl[i + 1])
+
+    def analogue(self, p, rng):
+        fresh = others(NAMES['train'], self.people(p))
+        names = rng.sample(fresh if len(fresh) >= len(p.events) else NAMES['train'], len(p.events))
+        alt = replace(p, events=[(e[0], name) for e, name in zip(p.events, names)])
+        return alt if alt.events != p.events else None
+
+
+class Date(World):
+    name, latent_name = 'date', 'month'
+    INIT = ("{h}'s {thing} is on {d}.", '{h} plans a {thing} for {d}.')
+    EVENT = {1: ('The {thing} moves {n} later.', 'The {thing} is delayed by {n}.'),
+             -1: ('The {thing} moves {n} earlier.', 'The {thing} is moved {n} earlier.')}
+
+    @staticmethod
+    def fmt(s): return f'{MONTHS[s[0] - 1]} {s[1]}'
+
+    @staticmethod
+    def doy(s): return sum(DAYS[:s[0] - 1]) + s[1] - 1
+
+    def sample(self, rng, n, pool, reverse):
+        ctx = {'h': rng.choice(NAMES[pool]), 'thing': rng.choice(THINGS[pool])}
+        s = init = (rng.randint(1, 12), rng.randint(1, 28))
+        events = []
+        for _ in range(n):
+            kind = rng.choices(['day', 'week', 'month'], weights=[5, 3, 2 if s[1] <= 28 else 0])[0]
+            e = (kind, rng.choice([-1, 1]) * rng.randint(1, {'day': 9, 'week': 3, 'month': 2}[kind]))
+            events.append(e)
+            s = self.step(s, e)
+        return ctx, init, events
+
+    def step(self, s, e):
+        kind, k = e
+        if kind == 'month':
+            m = (s[0] - 1 + k) % 12 + 1
+            return (m, s[1]) if s[1] <= DAYS[m - 1] else None
+        x = (self.doy(s) + k * (7 if kind == 'week' else 1)) % 365
+        m = 1
+        while x >= DAYS[m - 1]:
+            x, m = x - DAYS[m - 1], m + 1
+        return m, x + 1
+
+    def delta(self, a, b): return (self.doy(b) - self.doy(a) + 182) % 365 - 182
+    def people(self, p): return [p.ctx['h']]
+    def init_text(self, p, s, t): return self.INIT[t % 2].format(d=self.fmt(s), **p.ctx)
+    def event_text(self, p, e, t):
+        return self.EVENT[1 if e[1] > 0 else -1][t % 2].format(n=plural(abs(e[1]), e[0]), **p.ctx)
+    def ask(self, p, when): return f"On what date is the {p.ctx['thing']} {when}?"
+    def now_text(self, p, s): return f"Now the {p.ctx['thing']} is on {self.fmt(s)}."
+    def back_query(self, p): return f"On what date was the {p.ctx['thing']} at first?"
+    def step_text(self, a, e, b, p):
+        return f"{self.fmt(a)} {'+' if e[1] > 0 else '-'} {plural(abs(e[1]), e[0])} = {self.fmt(b)}."
+    def undo_text(self, b, e, a, p):
+        return f"{self.fmt(b)} {'-' if e[1] > 0 else '+'} {plural(abs(e[1]), e[0])} = {self.fmt(a)}."
+    def answer(self, p, s): return self.fmt(s)
+    def latent(self, p, s): return MONTHS[s[0] - 1]
+    def claim(self, p, v): return f"the {p.ctx['thing']} is on {v}"
+    def what(self, p): return f"the date of the {p.ctx['thing']}"
+    def wrong(self, p, s, rng): return self.fmt(self.step(s, ('day', rng.choice([-3, -2, -1, 1, 2, 3]))))
+
+    def effect(self, p, e):
+        kind, k = e
+        way = 'later' if k > 0 else 'earlier'
+        if kind == 'month':
+            return 'What does it do to the date?', 'The day stays, the month changes.', f"{plural(abs(k), kind)} {way}"
+        days = abs(k) * (7 if kind == 'week' else 1)
+        reason = f"{plural(abs(k), kind)} is {days} days." if kind == 'week' else f"It moves by {plural(days, kind)}."
+        return 'What does it do to the date?', reason, f"{plural(days, 'day')} {way}"
+
+    def compare(self, p, states):
+        d = [self.delta(a, b) for a, b in zip(states, states[1:])]
+        tot = sum(d)
+        expr = str(d[0]) + ''.join(f" {'+' if x > 0 else '-'} {abs(x)}" for x in d[1:])
+        ans = 'later' if tot > 0 else 'earlier' if tot < 0 else 'same'
+        return (f"Is the {p.ctx['thing']} now later, earlier, or on the same date as before the events?",
+                f'The moves add up to {expr} = {tot} days.', ans)
+
+    def cause(self, p, states):
+        got = largest([self.delta(a, b) for a, b in zip(states, states[1:])], 'moves in days')
+        return got and (f"Which event moves the {p.ctx['thing']} the most?",) + got
+
+    def premise(self, p, states, rng):
+        return 'number', str(rng.choice([p.init[1]] + [abs(e[1]) for e in p.events])), self.what(p)
+
+    def perturb(self, p, rng):
+        for d in rng.sample([-9, -8, -7, -6, -5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 6, 7, 8, 9], 18):
+            alt = replace(p, init=self.step(p.init, ('day', d)))
+            if chain(alt):
+                return alt, self.init_text(p, alt.init, p.tpl[0])
+        return None
+
+    def analogue(self, p, rng):
+        ctx = {'h': rng.choice(others(NAMES['train'], [p.ctx['h']])),
+               'thing': rng.choice(others(THINGS['train'], [p.ctx['thing']]))}
+        for _ in range(100):
+            init = (rng.randint(1, 12), rng.randint(1, 28))
+            events = [(kind, (1 if k > 0 else -1) * rng.randint(1, {'day': 9, 'week': 3, 'month': 2}[kind]))
+                      for kind, k in p.events]
+            alt = replace(p, ctx=ctx, init=init, events=events)
+            if chain(alt) and (init, events) != (p.init, p.events):
+                return alt
+        return None
+
+
+class Swap(World):
+    name, latent_name = 'swap', 'held'
+    INIT = ('{0} has a {1}, {2} has a {3}, and {4} has a {5}.',
+            '{0} holds a {1}, {2} holds a {3}, and {4} holds a {5}.')
+    EVENT = ('{a} and {b} swap items.', '{a} trades items with {b}.', '{a} and {b} switch items.')
+
+    def sample(self, rng, n, pool, reverse):
+        people, objects = rng.sample(NAMES[pool], 3), rng.sample(OBJECTS[pool], 3)
+        ctx = {'people': people, 'x': rng.randrange(3), 'options': rng.sample(objects, 3)}
+        return ctx, tuple(objects), [('swap', *rng.sample(range(3), 2)) for _ in range(n)]
+
+    def step(self, s, e):
+        s = list(s)
+        s[e[1]], s[e[2]] = s[e[2]], s[e[1]]
+        return tuple(s)
+
+    def who(self, p): return p.ctx['people'][p.ctx['x']]  # the person the query asks about
+    def holders(self, p, s): return [x for pair in zip(p.ctx['people'], s) for x in pair]
+    def options(self, p): return ' Options: ' + ' '.join(f'({L}) {o}' for L, o in zip('ABC', p.ctx['options'])) + '.'
+    def people(self, p): return list(p.ctx['people'])
+    def init_text(self, p, s, t): return self.INIT[t % 2].format(*self.holders(p, s))
+    def event_text(self, p, e, t): return self.EVENT[t % 3].format(a=p.ctx['people'][e[1]], b=p.ctx['people'][e[2]])
+    def ask(self, p, when): return f'What does {self.who(p)} have {when}?' + self.options(p)
+    def now_text(self, p, s): return 'Now ' + self.INIT[0].format(*self.holders(p, s))
+    def back_query(self, p): return f'What did {self.who(p)} have at first?' + self.options(p)
+    def step_text(self, a, e, b, p):
+        (i, j), P = e[1:], p.ctx['people']
+        return f'{P[i]} {b[i]}, {P[j]} {b[j]}.'  # what the two traders hold now: short, so it fits the budget
+    def undo_text(self, b, e, a, p):
+        (i, j), P = e[1:], p.ctx['people']
+        return f'Undo {P[i]} and {P[j]}: {P[i]} {a[i]}, {P[j]} {a[j]}.'
+    def value(self, p, s): return s[p.ctx['x']]
+    def answer(self, p, s): return 'ABC'[p.ctx['options'].index(s[p.ctx['x']])]
+    def conclusion(self, p, s, past):
+        return [f"{self.who(p)} {'had' if past else 'has'} the {self.value(p, s)}, option {self.answer(p, s)}."]
+    def latent(self, p, s): return s[p.ctx['x']]
+    def claim(self, p, v): return f'{self.who(p)} has the {v}'
+    def what(self, p): return f'what {self.who(p)} has'
+    def wrong(self, p, s, rng): return rng.choice([o for o in s if o != self.value(p, s)])
+
+    def last_swap(self, p):
+        mine = [i for i, e in enumerate(p.events) if p.ctx['x'] in e[1:]]
+        if not mine:
+            return None
+        e = p.events[mine[-1]]
+        return mine[-1], p.ctx['people'][e[1] if e[2] == p.ctx['x'] else e[2]]
+
+    def compare(self, p, states):
+        a, b, X = self.value(p, states[0]), self.value(p, states[-1]), self.who(p)
+        return (f'Does {X} have the same item now as before the events?', f'{X} goes from the {a} to the {b}.',
+                'yes' if a == b else 'no')
+
+    def cause(self, p, states):
+        got, X = self.last_swap(p), self.who(p)
+        return got and (f'Who gives {X} the item {X} has now?',
+                        f'{X} last swaps in the {ORD[got[0]]} event, with {got[1]}.', got[1])
+
+    def premise(self, p, states, rng):
+        got = self.last_swap(p)
+        return got and ('person', got[1], f'what {self.who(p)} has now')
+
+    def perturb(self, p, rng):
+        i, j = rng.sample(range(3), 2)
+        alt = replace(p, init=self.step(p.init, ('swap', i, j)))
+        return alt, self.init_text(p, alt.init, p.tpl[0])
+
+    def analogue(self, p, rng):
+        objects = rng.sample(others(OBJECTS['train'], p.init), 3)
+        ctx = {'people': rng.sample(others(NAMES['train'], self.people(p)), 3), 'x': p.ctx['x'],
+               'options': [objects[p.init.index(o)] for o in p.ctx['options']]}
+        return replace(p, ctx=ctx, init=tuple(objects))
+
+
+WORLDS = {w.name: w for w in (Arith(), Coin(), Date(), Swap())}
+
+
+def chain(p, events=None):
+    """The states after 0, 1, ..., n events; None if an event is impossible (a derived problem may break
+    a world's limits: a negative count, April 31)."""
+    w, states = WORLDS[p.world], [p.init]
+    for e in p.events if events is None else events:
+        states.append(w.step(states[-1], e))
+        if states[-1] is None:
+            return None
+    return states
+
+
+def layout(p):
+    """(question, event_ends, query_start): event_ends[i] is the offset just past event i+1's sentence."""
+    w, sents, ends = WORLDS[p.world], [], []
+
+    def add(s):  # -> the offset just past s
+        sents.append(s)
+        return len(' '.join(sents))
+
+    if not p.reverse:
+        add(w.init_text(p, p.init, p.tpl[0]))
+    for i in range(len(p.events) + 1):
+        for slot, t, name, n, item in p.facts:
+            if slot == i:
+                add(FACTS[t].format(name=name, n=n, item=item))
+        if i < len(p.events):
+            ends.append(add(w.event_text(p, p.events[i], p.tpl[i + 1])))
+    if p.reverse:
+        add(w.now_text(p, chain(p)[-1]))
+    head = ' '.join(sents)
+    return head + ' ' + (w.back_query(p) if p.reverse else w.query(p, p.tpl[-1])), ends, len(head) + 1
+
+
+def question(p):
+    return layout(p)[0]
+
+
+def story(p):
+    q, _, start = layout(p)
+    return q[:start - 1]  # the problem without its query
+
+
+def query(p):
+    q, _, start = layout(p)
+    return q[start:]
+
+
+def explain(p, states, events, upto=None):
+    """One rationale step per event, e.g. "15 + 6 = 21." (the first `upto` events)."""
+    w = WORLDS[p.world]
+    return [w.step_text(a, e, b, p) for a, e, b in list(zip(states, events, states[1:]))[:upto]]
+
+
+def solve(p):
+    """The oracle: (rationale, answer) for a problem, exact."""
+    w, states = WORLDS[p.world], chain(p)
+    if p.reverse:
+        steps = [w.undo_text(b, e, a, p) for a, e, b in reversed(list(zip(states, p.events, states[1:])))]
+        s = states[0]
+    else:
+        steps, s = explain(p, states, p.events), states[-1]
+    ans = w.answer(p, s)
+    return ' '.join(steps + w.conclusion(p, s, p.reverse) + [f'The answer is {ans}.']), ans
+
+
+def make_facts(p, rng, pool, slots):
+    """Distractor facts with a person and a number that appear nowhere else in the problem."""
+    used = set(re.findall(r'\d+', question(p) + question(replace(p, reverse=not p.reverse))))
+    taken, facts = set(WORLDS[p.world].people(p)), []
+    for slot in slots:
+        name = rng.choice([x for x in NAMES[pool] if x not in taken])
+        n = rng.choice([k for k in range(2, 60) if str(k) not in used])
+        taken.add(name)
+        used.add(str(n))
+        facts.append((slot, rng.randrange(2), name, n, rng.choice(others(ITEMS[pool], [p.ctx.get('item')]))))
+    return facts
+
+
+def make_problem(world, split, i, rng, n_events, pool='train', reverse=False, n_facts=1):
+    ctx, init, events = WORLDS[world].sample(rng, n_events, pool, reverse)
+    p = Problem(f'{world}-{split}-{i:05d}', world, split, ctx, init, events, [],
+                [rng.randrange(6) for _ in range(n_events + 2)], reverse)  # 6: uniform over 2 or 3 templates
+    p.facts = make_facts(p, rng, pool, [rng.randint(0, n_events) for _ in range(n_facts)])
+    return p
+
+
+def make_dataset(world, sizes, seed, events=(2, 4), long_events=(6, 7), n_facts=1):
+    """{split: [Problem]} for the splits in `sizes` ({split: n}), each from its own seeded stream; ood_long
+    draws its event counts from long_events, ood_reverse asks backwards, ood_names uses the OOD pools.
+    A question never repeats across splits."""
+    seen, out = set(), {}
+    for split in (s for s in SPLITS if sizes.get(s)):
+        rng = random.Random(f'{seed}|{world}|{split}')
+        lo, hi = long_events if split == 'ood_long' else events
+        out[split], tries = [], 0
+        while len(out[split]) < sizes[split]:
+            tries += 1
+            if tries > 20 * sizes[split] + 1000:
+                raise SystemExit(f'cannot make {sizes[split]} distinct {world} problems for {split}: ask for fewer')
+            p = make_problem(world, split, len(out[split]), rng, rng.randint(lo, hi),
+                             'ood' if split == 'ood_names' else 'train', split == 'ood_reverse', n_facts)
+            if question(p) not in seen:
+                seen.add(question(p))
+                out[split].append(p)
+    return out
+
+
+# ---- the EI rules: (forward problem, rng) -> Probe or None ----
+
+def about(p, rule, tail, body, ans):
+    """A probe that restates p's story, then asks tail; its rationale is body, then the answer."""
+    return Probe(rule, f'{story(p)} {tail}', f'{body} The answer is {ans}.', ans)
+
+
+def counterfactual(p, rng):
+    got = WORLDS[p.world].perturb(p, rng)
+    return got and Probe('counterfactual', f'{story(p)} Suppose instead: {got[1]} {query(p)}', *solve(got[0]))
+
+
+def step_challenge(p, rng):
+    w, i = WORLDS[p.world], rng.randrange(len(p.events))
+    got = w.effect(p, p.events[i])
+    return got and about(p, 'step_challenge', f'Consider the event: {w.event_text(p, p.events[i], p.tpl[i + 1])} '
+                         f'{got[0]}', got[1], got[2])
+
+
+def decompose(p, rng):
+    w, n = WORLDS[p.world], len(p.events)
+    if n < 2:
+        return None
+    i, states = rng.randint(1, n - 1), chain(p)
+    steps = explain(p, states, p.events, i) + w.conclusion(p, states[i], False)
+    return about(p, 'decompose', w.ask(p, after(i, n)), ' '.join(steps), w.answer(p, states[i]))
+
+
+def verify(p, rng):
+    w, n, states = WORLDS[p.world], len(p.events), chain(p)
+    i = rng.randint(1, n)
+    true = w.value(p, states[i])
+    said = true if rng.random() < 0.5 else w.wrong(p, states[i], rng)
+    steps = explain(p, states, p.events, i) + [f"{true} is {'' if said == true else 'not '}{said}."]
+    return about(p, 'verify', f'Is it true that {w.claim(p, said)} {after(i, n)}?', ' '.join(steps),
+                 'yes' if said == true else 'no')
+
+
+def cause(p, rng):
+    got = WORLDS[p.world].cause(p, chain(p))
+    return got and about(p, 'cause', *got)
+
+
+def compare(p, rng):
+    return about(p, 'compare', *WORLDS[p.world].compare(p, chain(p)))
+
+
+def hypothesis(p, rng):
+    w, n = WORLDS[p.world], len(p.events)
+    ok = [i for i in range(n) if chain(p, p.events[:i] + p.events[i + 1:])]
+    if not ok:
+        return None
+    i = rng.choice(ok)
+    events = p.events[:i] + p.events[i + 1:]
+    old, new = w.value(p, chain(p)[-1]), w.value(p, chain(p, events)[-1])
+    steps = [f'Without the {ORD[i]} event:'] + explain(p, chain(p, events), events) + [
+        f"{new} is {'' if old == new else 'not '}{old}."]
+    return about(p, 'hypothesis', f'Skip the {ORD[i]} event. Is it still true that {w.claim(p, old)} at the end?',
+                 ' '.join(steps), 'yes' if old == new else 'no')
+
+
+def process(p, rng):
+    w, states = WORLDS[p.world], chain(p)
+    return about(p, 'process', f'List {w.what(p)} after each event.', ' '.join(explain(p, states, p.events)),
+                 ', '.join(w.value(p, s) for s in states[1:]))
+
+
+def premise(p, rng):
+    got = p.facts and WORLDS[p.world].premise(p, chain(p), rng)
+    if not got:
+        return None
+    kind, used, target = got
+    _, t, name, n, item = p.facts[0]
+    unused = str(n) if kind == 'number' else name
+    a, b = rng.sample([unused, used], 2)
+    fact = FACTS[t].format(name=name, n=n, item=item)[:-1]
+    return about(p, 'premise', f'Which {kind} does not affect {target}: {a} or {b}?',
+                 f'The fact that {fact} is not used.', unused)
+
+
+def analogy(p, rng):
+    alt = WORLDS[p.world].analogue(p, rng)
+    if alt is None:
+        return None
+    alt.facts = make_facts(replace(alt, facts=[]), rng, 'train', [f[0] for f in p.facts])
+    return Probe('analogy', question(alt), *solve(alt))
+
+
+def inverse(p, rng):
+    """Off by default: RevThink's backward question, the exact format of ood_reverse."""
+    back = replace(p, reverse=True)
+    return Probe('inverse', question(back), *solve(back))
+
+
+EI_RULES = {f.__name__: f for f in (counterfactual, step_challenge, decompose, verify, cause, compare,
+                                    hypothesis, process, premise, analogy, inverse)}
+
+
+def ei_probes(p, rules=DEFAULT_RULES, seed=0):
+    """The EI probes of a problem (rules in order; a rule that does not fit gives none). The rules read
+    the forward problem, so an ood_reverse problem gets the same kind of probes as any other."""
+    fwd, out = replace(p, reverse=False), []
+    for name in rules:
+        probe = EI_RULES[name](fwd, random.Random(f'{seed}|{p.id}|{name}'))
+        if probe and probe.question != question(p):
+            out.append(probe)
+    return out
+
+
+def to_record(p, probes=()):
+    """The JSON record of a problem, with the oracle's rationale: id, world, split, question, answer,
+    rationale (the whole response, ending "The answer is <answer>."), probes [{rule, question,
+    rationale, answer}] and latent (for probe.py): name, states (a label after 0, 1, ..., n events),
+    event_ends (offset in question just past event i's sentence), query_start (where the query begins).
+    Latents: arith the count's last digit, coin the side up, date the month, swap what the queried
+    person holds (the variable the answer reads out)."""
+    w, (q, ends, qstart), (rationale, answer) = WORLDS[p.world], layout(p), solve(p)
+    return {'id': p.id, 'world': p.world, 'split': p.split, 'question': q, 'answer': answer, 'rationale': rationale,
+            'latent': {'name': w.latent_name, 'states': [w.latent(p, s) for s in chain(p)],
+                       'event_ends': ends, 'query_start': qstart},
+            'probes': [asdict(pr) for pr in probes]}
+
+
+class OracleTeacher:
+    """The exact solver as a teacher. It answers the questions tasks.py rendered (problems and EI probes,
+    passed in as records) and ignores any dialogue in front: an exact solver cannot be distracted."""
+
+    def __init__(self, records):
+        self.known = {}
+        for r in records:
+            self.known[r['question']] = r['rationale']
+            self.known.update((pr['question'], pr['rationale']) for pr in r['probes'])
+
+    def respond(self, dialogues):
+        """dialogues: [(turns [(question, response)], question)] -> [response]."""
+        missing = [q for _, q in dialogues if q not in self.known]
+        if missing:
+            raise ValueError(f'the oracle teacher only answers questions tasks.py generated, not {missing[0]!r}')
+        return [self.known[q] for _, q in dialogues]
+
+
+# ---- prompt format (every stage) and answer checking ----
+
+def prompt_ids(tok, question): return tok.encode('Q: ' + question + '\nA:')
+def response_ids(tok, response): return tok.encode(' ' + response) + [tok.eot]
+
+
+def dialogue_ids(tok, turns, question):
+    """A multi-turn prompt: each earlier (question, response) turn, EOT-terminated, then the question."""
+    ids = []
+    for q, r in turns:
+        ids += prompt_ids(tok, q) + response_ids(tok, r)
+    return ids + prompt_ids(tok, question)
+
+
+def extract_answer(text):
+    """X of the last "The answer is X." in text, or None."""
+    found = re.findall(r'The answer is ([^.\n]*)', text)
+    return (found[-1].strip() or None) if found else None
+
+
+def normalise(x):
+    x = re.sub(r'\s+', ' ', x.strip().rstrip('.').strip().lower())
+    x = re.sub(r'\s*,\s*', ', ', re.sub(r'^\((\w)\)$', r'\1', x))
+    return re.sub(r'\b0+(?=\d)', '', x)  # "07" -> "7", "march 05" -> "march 5"
+
+
+def is_correct(world, text, gold, question=None):
+    """Whether the last "The answer is X." in text matches gold ("7", "7." and "07" match 7; "seven" does
+    not). In the swap world, given the question, an option may be named by letter or by object."""
+    pred = extract_answer(text)
+    if pred is None:
+        return False
+    pred, gold = normalise(pred), normalise(gold)
+    if world == 'swap' and question:
+        letter = {o.lower(): L.lower() for L, o in re.findall(r'\(([A-Z])\) (\w+)', question)}
+        pred, gold = letter.get(pred, pred), letter.get(gold, gold)
+    return pred == gold
+
+
+# ---- records on disk (invert.py writes them; every later stage reads them with load_records) ----
+
+def check_record(r, where):
+    """Fill a user's record up to our schema; stop with where (file:line) and what was expected."""
+    if not isinstance(r, dict):
+        raise SystemExit(f'{where}: expected a JSON object with question, answer, rationale, got {type(r).__name__}')
+    fields = (('question', str, None), ('answer', str, None), ('rationale', str, None), ('probes', list, []),
+              ('id', str, where), ('world', str, 'user'), ('split', str, 'train'))
+    for key, typ, default in fields:
+        if key not in r and default is None:
+            raise SystemExit(f"{where}: missing field '{key}' (expected a non-empty string)")
+        r.setdefault(key, default)
+        if not isinstance(r[key], typ) or (typ is str and not r[key]):
+            expected = 'a non-empty string' if typ is str else 'a list of objects'
+            raise SystemExit(f"{where}: field '{key}' must be {expected}, got {json.dumps(r[key])}")
+    if not is_correct(r['world'], r['rationale'], r['answer'], r['question']):
+        raise SystemExit(f"{where}: the rationale must end with 'The answer is {r['answer']}.' (the record's answer)")
+    for k, pr in enumerate(r['probes']):
+        if not isinstance(pr, dict):
+            raise SystemExit(f'{where}: probes[{k}] must be an object with question, rationale, answer')
+        pr.setdefault('rule', 'user')
+        for key in ('rule', 'question', 'rationale', 'answer'):
+            if not isinstance(pr.get(key), str) or not pr[key]:
+                got = json.dumps(pr.get(key))
+                raise SystemExit(f"{where}: probes[{k}].{key} must be a non-empty string, got {got}")
+        if not is_correct(r['world'], pr['rationale'], pr['answer'], pr['question']):
+            raise SystemExit(f"{where}: probes[{k}].rationale must end with 'The answer is {pr['answer']}.'")
+    r.setdefault('latent', None)
+    return r
+
+
+def load_records(path, world=None):
+    """The records of a JSONL file (ours, or a user's with question, answer, rationale and optional
+    probes, id, world), checked line by line; optionally only one world's."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'{path} does not exist')
+    out = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f'{path}:{n}: not valid JSON ({e.msg}); '
+                                     'expected one JSON object per line') from None
+                r = check_record(r, f'{path}:{n}')
+                if world is None or r['world'] == world:
+                    out.append(r)
+    return out

@@ -1,0 +1,460 @@
+"""tasks.py checked against an independent reading of the rendered text: every question is parsed back
+with regexes, its events simulated here (datetime for dates), and every answer re-derived."""
+import dataclasses
+import datetime
+import itertools
+import json
+import re
+
+import pytest
+
+import tasks
+
+WORLDS = ('arith', 'coin', 'date', 'swap')
+SIZES = {'train': 60, 'val': 10, 'test_id': 10, 'ood_long': 30, 'ood_reverse': 30, 'ood_names': 30}
+ORD = ['first', 'second', 'third', 'fourth', 'fifth', 'sixth', 'seventh']
+FACT = [(r'(\w+) is (\d+) years old\.', lambda m: ('fact', (m[1], int(m[2]), None)))]
+
+
+# ---- an independent reader of the rendered text ----
+
+def sentences(text):
+    return re.split(r'(?<=[.?]) (?=[A-Z])', text)
+
+
+def read_query(world, q):
+    """(ctx, reverse) from a problem's query sentence."""
+    opts = re.search(r' Options: \(A\) (\w+) \(B\) (\w+) \(C\) (\w+)\.$', q)
+    q = q[:opts.start()] if opts else q
+    pats = {'arith': [r'How many (?P<item>\w+) (?P<v>does|did) (?P<h>\w+) have (?:now|at the end|at first)\?'],
+            'coin': [r'Is the coin still heads up\?', r'Is the coin heads up (?:now|at the end)\?',
+                     r'(?P<v>Was) the coin heads up at first\?'],
+            'date': [r'On what date (?P<v>is|was) the (?P<thing>\w+) (?:now|at the end|at first)\?'],
+            'swap': [r'What (?P<v>does|did) (?P<x>\w+) have (?:now|at the end|at first)\?']}[world]
+    for pat in pats:
+        m = re.fullmatch(pat, q)
+        if m:
+            ctx = {k: v for k, v in m.groupdict().items() if k != 'v'}
+            if opts:
+                ctx['options'] = list(opts.groups())
+            return ctx, m.groupdict().get('v') in ('did', 'Was', 'was')
+    raise AssertionError(f'unreadable {world} query: {q!r}')
+
+
+def patterns(world, ctx):
+    """(regex, meaning) for every sentence a story may hold, given what the query named."""
+    if world == 'arith':
+        H, it = ctx['h'], r'(\w+)'  # the item word, checked in read_sentence: singular for 1
+        return FACT + [
+            (rf'Now {H} has (\d+) {it}\.', lambda m: ('now', int(m[1]), m[2], int(m[1]))),
+            (rf'{H} (?:has|starts with) (\d+) {it}\.', lambda m: ('init', int(m[1]), m[2], int(m[1]))),
+            (rf'{H} (?:buys|finds) (\d+) {it}\.', lambda m: ('event', ('add', int(m[1])), m[2], int(m[1]))),
+            (rf'\w+ gives {H} (\d+) {it}\.', lambda m: ('event', ('add', int(m[1])), m[2], int(m[1]))),
+            (rf'{H} gives (\d+) {it} to \w+\.', lambda m: ('event', ('sub', int(m[1])), m[2], int(m[1]))),
+            (rf'{H} (?:loses|sells) (\d+) {it}\.', lambda m: ('event', ('sub', int(m[1])), m[2], int(m[1]))),
+            (rf'{H} (?:doubles the|gets twice as many) {it}\.', lambda m: ('event', ('dbl', 2), m[1], None)),
+            (r'(\w+) has (\d+) (\w+)\.', lambda m: ('fact', (m[1], int(m[2]), m[3])))]
+    if world == 'coin':
+        return FACT + [
+            (r'(?:A coin is|The coin starts) (heads|tails) up\.', lambda m: ('init', m[1] == 'heads')),
+            (r'Now the coin is (heads|tails) up\.', lambda m: ('now', m[1] == 'heads')),
+            (r'(\w+) (?:flips the coin|turns the coin over)\.', lambda m: ('event', ('flip', m[1]))),
+            (r'(\w+) (?:does not flip the coin|leaves the coin alone)\.', lambda m: ('event', ('keep', m[1]))),
+            (r'(\w+) has (\d+) (\w+)\.', lambda m: ('fact', (m[1], int(m[2]), m[3])))]
+    if world == 'date':
+        T, unit = ctx['thing'], r'(\d+) (day|week|month)(s?)'
+        day = lambda m, i: datetime.date(2023, datetime.datetime.strptime(m[i], '%B').month, int(m[i + 1]))  # noqa
+        ev = lambda n, u, s, sign: ('event', (u, sign * int(n)), s == ('' if n == '1' else 's'))  # noqa
+        return FACT + [
+            (rf"\w+'s {T} is on (\w+) (\d+)\.", lambda m: ('init', day(m, 1))),
+            (rf'\w+ plans a {T} for (\w+) (\d+)\.', lambda m: ('init', day(m, 1))),
+            (rf'Now the {T} is on (\w+) (\d+)\.', lambda m: ('now', day(m, 1))),
+            (rf'The {T} moves {unit} later\.', lambda m: ev(m[1], m[2], m[3], 1)),
+            (rf'The {T} is delayed by {unit}\.', lambda m: ev(m[1], m[2], m[3], 1)),
+            (rf'The {T} (?:moves|is moved) {unit} earlier\.', lambda m: ev(m[1], m[2], m[3], -1)),
+            (r'(\w+) has (\d+) (\w+)\.', lambda m: ('fact', (m[1], int(m[2]), m[3])))]
+    held = r'(\w+) (?:has|holds) a (\w+), (\w+) (?:has|holds) a (\w+), and (\w+) (?:has|holds) a (\w+)\.'
+    return FACT + [
+        (r'Now ' + held, lambda m: ('now', dict(zip(m.groups()[::2], m.groups()[1::2])))),
+        (held, lambda m: ('init', dict(zip(m.groups()[::2], m.groups()[1::2])))),
+        (r'(\w+) and (\w+) (?:swap|switch) items\.', lambda m: ('event', (m[1], m[2]))),
+        (r'(\w+) trades items with (\w+)\.', lambda m: ('event', (m[1], m[2]))),
+        (r'(\w+) has (\d+) (\w+)\.', lambda m: ('fact', (m[1], int(m[2]), m[3])))]
+
+
+def read_sentence(world, ctx, s):
+    for pat, meaning in patterns(world, ctx):
+        m = re.fullmatch(pat, s)
+        if m:
+            got = meaning(m)
+            if world == 'arith' and got[0] != 'fact':
+                assert got[2] == (ctx['item'][:-1] if got[3] == 1 else ctx['item']), f'singular/plural: {s}'
+                got = got[:2]
+            if world == 'date' and got[0] == 'event':
+                assert got[2], f'singular/plural: {s}'
+                got = got[:2]
+            return got
+    raise AssertionError(f'unreadable {world} sentence: {s!r}')
+
+
+def read(world, question):
+    """A problem read back from its text: {ctx, reverse, init, final, events, facts, sentences}."""
+    sents = sentences(question)
+    if world == 'swap':
+        sents = sents[:-2] + [sents[-2] + ' ' + sents[-1]]  # "What does X have now? Options: ..."
+    ctx, reverse = read_query(world, sents[-1])
+    out = {'ctx': ctx, 'reverse': reverse, 'init': None, 'final': None, 'events': [], 'facts': [], 'event_sents': []}
+    for s in sents[:-1]:
+        kind, what = read_sentence(world, ctx, s)
+        if kind == 'event':
+            out['events'].append(what)
+            out['event_sents'].append(s)
+        elif kind == 'fact':
+            out['facts'].append(what)
+        else:
+            out['init' if kind == 'init' else 'final'] = what
+    return out
+
+
+def is_event(world, ctx, s):
+    try:
+        return read_sentence(world, ctx, s)[0] == 'event'
+    except AssertionError:
+        return False
+
+
+def step(world, s, e):
+    if world == 'arith':
+        s = s + e[1] if e[0] == 'add' else s - e[1] if e[0] == 'sub' else 2 * s
+        assert 0 <= s <= 99
+        return s
+    if world == 'coin':
+        return s != (e[0] == 'flip')
+    if world == 'date':
+        unit, k = e
+        if unit == 'month':
+            return datetime.date(2023, (s.month - 1 + k) % 12 + 1, s.day)  # raises on April 31
+        return (s + datetime.timedelta(days=k * (7 if unit == 'week' else 1))).replace(year=2023)
+    s = dict(s)
+    s[e[0]], s[e[1]] = s[e[1]], s[e[0]]
+    return s
+
+
+def simulate(world, init, events):
+    states = [init]
+    for e in events:
+        states.append(step(world, states[-1], e))
+    return states
+
+
+def value(world, ctx, s):
+    return {'arith': lambda: str(s), 'coin': lambda: 'heads' if s else 'tails',
+            'date': lambda: f'{s:%B} {s.day}', 'swap': lambda: s[ctx['x']]}[world]()
+
+
+def answer(world, ctx, s):
+    if world == 'coin':
+        return 'yes' if s else 'no'
+    if world == 'swap':
+        return 'ABC'[ctx['options'].index(s[ctx['x']])]
+    return value(world, ctx, s)
+
+
+def candidates(world, final):
+    if world == 'arith':
+        return range(100)
+    if world == 'coin':
+        return (True, False)
+    if world == 'date':
+        return [datetime.date(2023, 1, 1) + datetime.timedelta(days=i) for i in range(365)]
+    return [dict(zip(final, objs)) for objs in itertools.permutations(final.values())]
+
+
+def solve(world, prob):
+    """The answer, re-derived: forward by simulation, reverse by trying every initial state."""
+    if not prob['reverse']:
+        return answer(world, prob['ctx'], simulate(world, prob['init'], prob['events'])[-1])
+    fits = []
+    for c in candidates(world, prob['final']):
+        try:
+            if simulate(world, c, prob['events'])[-1] == prob['final']:
+                fits.append(c)
+        except (AssertionError, ValueError):
+            pass
+    assert len(fits) == 1, 'a reverse question must have exactly one answer'
+    return answer(world, prob['ctx'], fits[0])
+
+
+# ---- fixtures ----
+
+@pytest.fixture(scope='module', params=WORLDS)
+def data(request):
+    """(world, {split: records with every rule's probes}); an ood_reverse record also carries its problem
+    asked forward ('forward'), whose story its probes restate."""
+    world, out = request.param, {}
+    for split, ps in tasks.make_dataset(world, SIZES, seed=7).items():
+        out[split] = [tasks.to_record(p, tasks.ei_probes(p, tasks.EI_RULES, seed=7)) for p in ps]
+        if split == 'ood_reverse':
+            for r, p in zip(out[split], ps):
+                r['forward'] = tasks.to_record(dataclasses.replace(p, reverse=False))
+    return world, out
+
+
+def names_in(world, prob):
+    c = prob['ctx']
+    people = {f[0] for f in prob['facts']} | {c.get('h'), c.get('x')}
+    if world == 'coin':
+        people |= {e[1] for e in prob['events']}
+    if world == 'swap':
+        people |= set((prob['init'] or prob['final']))
+    things = {c.get('item'), c.get('thing')} | {f[2] for f in prob['facts']} | set(c.get('options', []))
+    return (people | things) - {None, ''}
+
+
+# ---- worlds ----
+
+def test_solver_agrees_with_independent_simulation(data):
+    world, splits = data
+    for split, recs in splits.items():
+        assert len(recs) == SIZES[split]
+        for r in recs:
+            prob = read(world, r['question'])
+            assert solve(world, prob) == r['answer'], r['question']
+            assert r['rationale'].endswith(f"The answer is {r['answer']}.")
+            assert tasks.extract_answer(r['rationale']) == r['answer']
+            lat = r['latent']
+            assert len(prob['events']) == len(lat['event_ends']) == len(lat['states']) - 1  # every event is said
+            for end, sent in zip(lat['event_ends'], prob['event_sents']):
+                assert r['question'][:end].endswith(sent)
+            assert r['question'][lat['query_start']:].startswith(('How', 'Is', 'Was', 'On', 'What'))
+            init = prob['init'] if not prob['reverse'] else None
+            if init is not None:
+                labels = {'arith': lambda s: str(s % 10), 'coin': lambda s: 'heads' if s else 'tails',
+                          'date': lambda s: f'{s:%B}', 'swap': lambda s: s[prob['ctx']['x']]}[world]
+                assert [labels(s) for s in simulate(world, init, prob['events'])] == lat['states']
+            for name, n, _ in prob['facts']:  # a distractor's person and number appear nowhere else
+                assert len(re.findall(rf'\b{name}\b', r['question'])) == 1
+                assert len(re.findall(rf'\b{n}\b', r['question'])) == 1
+
+
+@pytest.mark.parametrize('world', WORLDS)
+def test_solver_on_many_seeds(world):
+    for seed in range(8):
+        for ps in tasks.make_dataset(world, {s: 15 for s in tasks.SPLITS}, seed).values():
+            for p in ps:
+                question, (_, ans) = tasks.question(p), tasks.solve(p)
+                assert solve(world, read(world, question)) == ans, question
+
+
+def test_ood_splits_are_out_of_distribution(data):
+    world, splits = data
+    read_all = {s: [read(world, r['question']) for r in recs] for s, recs in splits.items()}
+    in_dist = read_all['train'] + read_all['val'] + read_all['test_id']
+    assert max(len(p['events']) for p in in_dist) < min(len(p['events']) for p in read_all['ood_long'])
+    assert all(p['reverse'] and p['final'] is not None and p['init'] is None for p in read_all['ood_reverse'])
+    assert not any(p['reverse'] for s in read_all if s != 'ood_reverse' for p in read_all[s])
+    seen = set().union(*(names_in(world, p) for p in read_all['train']))
+    unseen = set().union(*(names_in(world, p) for p in read_all['ood_names']))
+    assert seen and unseen and not seen & unseen
+
+
+def test_generation_is_deterministic():
+    def dump(seed):
+        return json.dumps({w: {s: [tasks.to_record(p, tasks.ei_probes(p)) for p in ps] for s, ps in
+                               tasks.make_dataset(w, {'train': 20, 'ood_long': 5}, seed).items()}
+                           for w in WORLDS}, sort_keys=True)
+    assert dump(3) == dump(3) != dump(4)
+
+
+def test_no_question_repeats_across_splits():
+    for w in WORLDS:
+        qs = [tasks.question(p) for ps in tasks.make_dataset(w, {'train': 200, 'test_id': 100}, 0).values()
+              for p in ps]
+        assert len(qs) == len(set(qs))
+
+
+# ---- the EI rules ----
+
+def claim_value(world, ctx, claim):
+    """The value a verify/hypothesis claim states."""
+    pat = {'arith': rf"{ctx.get('h')} has (\d+) \w+", 'coin': r'the coin is (heads|tails) up',
+           'date': rf"the {ctx.get('thing')} is on (\w+ \d+)", 'swap': rf"{ctx.get('x')} has the (\w+)"}[world]
+    return re.fullmatch(pat, claim)[1]
+
+
+def expected(world, rule, prob, tail, r):
+    """The answer of an EI probe, derived here from the problem read back and the probe's own words."""
+    ctx, init, events = prob['ctx'], prob['init'], prob['events']
+    states = simulate(world, init, events)
+    vals = [value(world, ctx, s) for s in states]
+    if rule == 'counterfactual':
+        m = re.fullmatch(r'Suppose instead: (.+?\.) (.+)', tail)
+        assert m[2] == r['question'][r['latent']['query_start']:]
+        kind, what = read_sentence(world, ctx, m[1])
+        assert m[1] not in r['question']
+        if kind == 'init':
+            return answer(world, ctx, simulate(world, what, events)[-1])
+        changed = [i for i, e in enumerate(events) if e[1] == what[1]]  # coin: one event per person
+        assert kind == 'event' and len(changed) == 1 and events[changed[0]] != what
+        return answer(world, ctx, simulate(world, init, events[:changed[0]] + [what] + events[changed[0] + 1:])[-1])
+    if rule == 'step_challenge':
+        m = re.fullmatch(r'Consider the event: (.+?\.) (.+)', tail)
+        assert m[1] in prob['event_sents']
+        kind, e = read_sentence(world, ctx, m[1])
+        if world == 'arith':
+            return {'add': f'add {e[1]}', 'sub': f'subtract {e[1]}', 'dbl': 'double'}[e[0]]
+        if world == 'coin':
+            return 'yes' if e[0] == 'flip' else 'no'
+        n = abs(e[1]) * (7 if e[0] == 'week' else 1)
+        unit = 'month' if e[0] == 'month' else 'day'
+        return f"{n} {unit}{'s' if n != 1 else ''} {'later' if e[1] > 0 else 'earlier'}"
+    if rule == 'decompose':
+        m = re.search(r'after the first (\d+ events|event)\?', tail)
+        i = 1 if m[1] == 'event' else int(m[1].split()[0])
+        assert 1 <= i < len(events)
+        return answer(world, ctx, states[i])
+    if rule == 'verify':
+        m = re.fullmatch(r'Is it true that (.+) (after the first (\d+) events|after the first event|at the end)\?',
+                         tail)
+        i = len(events) if m[2] == 'at the end' else int(m[3] or 1)
+        return 'yes' if claim_value(world, ctx, m[1]) == vals[i] else 'no'
+    if rule == 'cause':
+        if world in ('arith', 'date'):
+            if world == 'arith':
+                deltas = [b - a for a, b in zip(states, states[1:])]
+            else:
+                deltas = [(b - a).days for a, b in zip(states, states[1:])]
+                deltas = [d - 365 if d > 182 else d + 365 if d < -182 else d for d in deltas]
+            top = max(map(abs, deltas))
+            assert [abs(d) for d in deltas].count(top) == 1
+            return ORD[[abs(d) for d in deltas].index(top)]
+        if world == 'coin':
+            return [e[1] for e in events if e[0] == 'flip'][-1]
+        last = [e for e in events if ctx['x'] in e][-1]
+        return last[1] if last[0] == ctx['x'] else last[0]
+    if rule == 'compare':
+        a, b = states[0], states[-1]
+        if world == 'arith':
+            return 'more' if b > a else 'fewer' if b < a else 'same'
+        if world == 'date':
+            total = sum(e[1] * {'day': 1, 'week': 7}[e[0]] if e[0] != 'month' else 0 for e in events)
+            for s0, s1, e in zip(states, states[1:], events):
+                if e[0] == 'month':
+                    d = (s1 - s0).days
+                    total += d - 365 if d > 182 else d + 365 if d < -182 else d
+            return 'later' if total > 0 else 'earlier' if total < 0 else 'same'
+        return 'yes' if vals[0] == vals[-1] else 'no'
+    if rule == 'hypothesis':
+        m = re.fullmatch(r'Skip the (\w+) event\. Is it still true that (.+) at the end\?', tail)
+        i = ORD.index(m[1])
+        assert claim_value(world, ctx, m[2]) == vals[-1]
+        return 'yes' if value(world, ctx, simulate(world, init, events[:i] + events[i + 1:])[-1]) == vals[-1] else 'no'
+    if rule == 'process':
+        assert re.fullmatch(r'List .+ after each event\.', tail)
+        return ', '.join(vals[1:])
+    if rule == 'premise':
+        m = re.fullmatch(r'Which (number|person) does not affect .+: (\w+) or (\w+)\?', tail)
+        story_events = ' '.join(prob['event_sents'])
+        init_sent = sentences(r['question'])[0]
+        used = [t for t in m.group(2, 3) if re.search(rf'\b{t}\b', story_events + ' ' + init_sent)]
+        spare = [t for t in m.group(2, 3) if t not in used]
+        fact_tokens = {str(f[1]) if m[1] == 'number' else f[0] for f in prob['facts']}
+        assert len(used) == 1 and len(spare) == 1 and spare[0] in fact_tokens
+        if world == 'coin':
+            assert ('flip', used[0]) in events
+        if world == 'swap':  # the partner of the queried person's last swap
+            assert used[0] == expected(world, 'cause', prob, '', r)
+        return spare[0]
+    if rule in ('analogy', 'inverse'):
+        alt = read(world, tail)
+        assert alt['reverse'] == (rule == 'inverse')
+        assert len(alt['events']) == len(events)
+        if rule == 'analogy':
+            assert names_in(world, alt) != names_in(world, prob)
+            assert names_in(world, alt) <= names_of_pool('train')
+        return solve(world, alt)
+    raise AssertionError(rule)
+
+
+def names_of_pool(pool):
+    return set(tasks.NAMES[pool] + tasks.ITEMS[pool] + tasks.THINGS[pool] + tasks.OBJECTS[pool])
+
+
+def test_every_probe_answer_rederived(data):
+    world, splits = data
+    seen = set()
+    for split, recs in splits.items():
+        for r in recs:
+            probes, r = r['probes'], r.get('forward', r)  # the rules read a problem asked forward
+            prob = read(world, r['question'])
+            story = r['question'][:r['latent']['query_start'] - 1]
+            for pr in probes:
+                seen.add(pr['rule'])
+                assert pr['question'] != r['question']
+                assert pr['rationale'].endswith(f"The answer is {pr['answer']}.")
+                assert tasks.extract_answer(pr['rationale']) == pr['answer']
+                if pr['rule'] in ('analogy', 'inverse'):
+                    tail = pr['question']
+                else:
+                    assert pr['question'].startswith(story + ' ')
+                    tail = pr['question'][len(story) + 1:]
+                assert expected(world, pr['rule'], prob, tail, r) == pr['answer'], (pr, r['question'])
+    assert seen == set(tasks.EI_RULES) - ({'step_challenge'} if world == 'swap' else set())
+
+
+def test_default_probes_stay_in_training_format():
+    """No default rule asks for the initial state, makes a longer chain, or names OOD entities."""
+    ood = names_of_pool('ood')
+    rule_worlds = {}
+    for world in WORLDS:
+        for p in tasks.make_dataset(world, {'train': 150}, seed=11)['train']:
+            ctx = read(world, tasks.question(p))['ctx']
+            for pr in tasks.ei_probes(p, seed=11):
+                rule_worlds.setdefault(pr.rule, set()).add(world)
+                q = pr.question
+                assert 'at first' not in q and not re.search(r'(^|\. )Now ', q)
+                assert not set(re.findall(r'\w+', q)) & ood
+                if pr.rule == 'analogy':
+                    assert len(read(world, q)['events']) == len(p.events)
+                else:  # the problem's own story, then at most one restated event
+                    assert q.startswith(tasks.story(p) + ' ')
+                    assert sum(is_event(world, ctx, s) for s in sentences(q[len(tasks.story(p)) + 1:])) <= 1
+    assert set(rule_worlds) == set(tasks.DEFAULT_RULES)
+    assert all(len(ws) >= 2 for ws in rule_worlds.values())
+
+
+# ---- answers and the prompt format ----
+
+@pytest.mark.parametrize('world,text,gold,q,ok', [
+    ('arith', 'so 7. The answer is 7.', '7', None, True),
+    ('arith', 'The answer is 7', '7', None, True),
+    ('arith', 'The answer is 07.', '7', None, True),
+    ('arith', 'The answer is seven.', '7', None, False),
+    ('arith', 'The answer is 8. The answer is 7.', '7', None, True),
+    ('arith', '7', '7', None, False),
+    ('coin', 'The answer is Yes.', 'yes', None, True),
+    ('date', 'The answer is april 5.', 'April 5', None, True),
+    ('date', 'The answer is 04/05.', 'April 5', None, False),
+    ('swap', 'The answer is (B).', 'B', None, True),
+    ('swap', 'The answer is hat.', 'B', 'What does Tom have now? Options: (A) pen (B) hat (C) cup.', True),
+    ('swap', 'The answer is pen.', 'B', 'What does Tom have now? Options: (A) pen (B) hat (C) cup.', False),
+    ('arith', 'The answer is 44, 45.', '44,45', None, True),
+])
+def test_is_correct(world, text, gold, q, ok):
+    assert tasks.is_correct(world, text, gold, q) is ok
+
+
+class CharTok:
+    eot = 0
+    def encode(self, s): return [ord(c) for c in s]
+
+
+def test_prompt_format_one_definition():
+    tok = CharTok()
+    assert tasks.prompt_ids(tok, 'Hi?') == tok.encode('Q: Hi?\nA:')
+    assert tasks.response_ids(tok, 'The answer is 3.') == tok.encode(' The answer is 3.') + [0]
+    turns = [('a?', 'The answer is 1.'), ('b?', 'The answer is 2.')]
+    want = (tasks.prompt_ids(tok, 'a?') + tasks.response_ids(tok, turns[0][1]) + tasks.prompt_ids(tok, 'b?')
+            + tasks.response_ids(tok, turns[1][1]) + tasks.prompt_ids(tok, 'c?'))
+    assert tasks.dialogue_ids(tok, turns, 'c?') == want
+    assert tasks.dialogue_ids(tok, [], 'c?') == tasks.prompt_ids(tok, 'c?')
