@@ -32,6 +32,7 @@ The loss value is not a progress signal (it starts near 0 by construction): watc
 import copy
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -140,6 +141,16 @@ def read_split(cfg, split, required=True):
         raise SystemExit(f"{path} does not exist: run `python invert.py --out_dir={cfg.out_dir}` first")
     worlds = cfg.worlds.split(",")
     return [r for r in load_records(path) if r["world"] in worlds]
+
+
+def validation(cfg):
+    """The first eval_problems val records, taken round-robin over the worlds (the file is in world
+    order, and its first 200 lines would all be arith)."""
+    by_world = {}
+    for r in read_split(cfg, "val", required=False):
+        by_world.setdefault(r["world"], []).append(r)
+    mixed = [r for group in itertools.zip_longest(*by_world.values()) for r in group if r is not None]
+    return mixed[:cfg.eval_problems]
 
 
 def build_tokenizer(cfg):
@@ -298,7 +309,7 @@ def train_sft(cfg, model, tok, device, rank, world_size):
     train = read_split(cfg, "train")
     order = random.Random(cfg.seed).sample(range(len(train)), len(train))
     train = [train[i] for i in sorted(order[:max(1, round(cfg.data_fraction * len(train)))])]
-    val = read_split(cfg, "val", required=False)[:cfg.eval_problems]
+    val = validation(cfg)
     questions, probes = sft_examples(tok, train, cfg)
     if cfg.data == "ei" and not probes:
         raise SystemExit("data=ei but the training records hold no EI probes: rerun invert.py with rules")
@@ -562,7 +573,7 @@ def rl_questions(cfg, ref, tok, rank):
 def train_rl(cfg, model, tok, device, rank, world_size):
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the starting student, frozen
     pool, counts = rl_questions(cfg, ref, tok, rank)
-    val = read_split(cfg, "val", required=False)[:cfg.eval_problems]
+    val = validation(cfg)
     optimizer = model.configure_optimizer(cfg.rl_lr, 0.0)
     ddp = DistributedDataParallel(model) if world_size > 1 else model
     run = Run(cfg, rank)

@@ -48,7 +48,8 @@ for seed in $seeds; do
         --dsu_bonus=False --name=rl_exgrpo_nobonus
     python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=rl --init=$sft --algo=exgrpo --name=rl_exgrpo
     # linear probes on the students' hidden states, two worlds
-    ckpts=vanilla=$run/ckpt/sft_qa.pt,ei_sft=$run/ckpt/sft_ei.pt,exgrpo=$run/ckpt/rl_exgrpo.pt
+    # (untrained = the same architecture with fresh weights: what the probe reads without any training)
+    ckpts=untrained=init:$run/ckpt/sft_qa.pt,vanilla=$run/ckpt/sft_qa.pt,ei_sft=$run/ckpt/sft_ei.pt,exgrpo=$run/ckpt/rl_exgrpo.pt
     for world in coin swap; do
         python probe.py --checkpoints=$ckpts --data=$run/data --world=$world --target=state --positions=event \
             --out_dir=$run/probe $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1" )

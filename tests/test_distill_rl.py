@@ -262,11 +262,37 @@ def test_bad_config_is_refused(data_dir):
         sft(data_dir, "--data_fraction=0")
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_ddp_two_processes_agree(data_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                           os.path.join(ROOT, "distill_rl.py"), f"--out_dir={data_dir}", "--stage=sft", "--data=ei",
                           "--batch_size=8", "--max_iters=2", "--name=ddp", "--eval_interval=100", *NANO],
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "DDP: 2 ranks agree on the final weights" in out.stdout
+
+
+def test_short_sft_then_exgrpo_raises_reward(tmp_path):
+    """A barely trained student (80 SFT steps) on four coin questions: EXGRPO's outcome reward
+    on those questions rises (mostly by learning to finish with "The answer is X.")."""
+    import invert
+    out = str(tmp_path)
+    invert.build(invert.Config(out_dir=out, worlds="coin", n_train=256, n_val=16, n_test=8, n_ood=8))
+    nano = ["--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=384", "--threads=1", "--device=cpu",
+            "--seed=1", "--max_new_tokens=32", "--eval_problems=16"]
+    distill_rl.main([f"--out_dir={out}", "--stage=sft", "--data=ei", "--batch_size=16", "--max_iters=80",
+                     "--warmup_iters=10", "--eval_interval=1000", *nano])
+    distill_rl.main([f"--out_dir={out}", "--stage=rl", "--algo=exgrpo", "--k=1", "--batch_size=4", "--group_size=16",
+                     "--data_fraction=0.015625", "--difficulty=False", "--rl_lr=2e-3", "--rl_warmup=1",
+                     "--rl_steps=25", "--beta=0.0", f"--init={out}/ckpt/sft_ei.pt", *nano])
+    acc = [r["acc_full"] for r in log(out, "rl_exgrpo")]
+    first, last = sum(acc[:5]) / 5, sum(acc[-10:]) / 10
+    assert last > first + 0.05, (first, last)
