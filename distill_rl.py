@@ -3,7 +3,8 @@ Stages 2-3 of reinforcement distillation via Explanatory Inversion (Tan et al., 
 
 stage=sft  Teacher-forced NLL on the teacher's responses, prompt tokens masked:
            L_SFT = - sum_i log p(T_i | Q_i). data=qa is vanilla distillation (Q -> R_T, A);
-           data=ei is EI-SFT: the probes of D_EI too, with ei_mix of each batch original questions.
+           data=ei is EI-SFT: the probes of D_EI too, with ei_mix of each batch original questions;
+           ei_format=dialogue presents probes as teacher-forced dialogues ending in Q [ours].
 stage=rl   One loop, three algorithms, on the questions the difficulty filter (Eq. 2) keeps:
   reinforce  single turn; sequence REINFORCE with the group-mean baseline: A_g = R_g - mean(R).
   grpo       single turn; G samples per question; U_g = (R_g - mean) / (std + 1e-4) (population
@@ -48,9 +49,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from invert import difficulty_filter, load_records
-from model import (GPT, CompactTokenizer, GPTConfig, KVCache, get_tokenizer, load_model, parse_config, pick_device,
+from model import (GPT, CompactTokenizer, GPTConfig, KVCache, load_model, parse_config, pick_device,
                    save_checkpoint, sequence_logprobs, set_threads)
-from tasks import dialogue_ids, is_correct, prompt_ids, response_ids
+from tasks import is_correct, prompt_ids, response_ids
 
 
 @dataclass
@@ -70,11 +71,12 @@ class Config:
     block_size: int = 512
     # SFT (stage 2)
     data: str = "qa"                  # qa = vanilla distillation | ei = EI-SFT (probes too)
-    ei_mix: float = 0.5               # share of original questions in each EI-SFT batch [ours]
+    ei_mix: float = 0.5               # share of single original questions in each EI-SFT batch [ours]
+    ei_format: str = "dialogue"       # EI-SFT examples: dialogue (1..k probes, then Q) | single (one probe) [ours]
     data_fraction: float = 1.0        # share of the training questions used (data-efficiency runs)
     epochs: float = 0.0               # > 0 sets max_iters to this many passes over the questions
     max_iters: int = 2000
-    batch_size: int = 32              # sequences per optimizer step (SFT) or questions per step (RL)
+    batch_size: int = 32              # SFT sequences per optimizer step
     grad_accum: int = 1               # micro-batches per optimizer step
     lr: float = 3e-3                  # SFT peak learning rate
     warmup_iters: int = 100
@@ -88,6 +90,7 @@ class Config:
     rl_steps: int = 40
     rl_lr: float = 2e-5               # an SFT student breaks at 1e-4 (DESIGN.md); 1e-5..3e-5 is stable
     rl_warmup: int = 5
+    rl_batch_size: int = 8            # questions per RL step
     group_size: int = 8               # G rollouts per scenario per question [ours]
     k: int = 3                        # EI probes per dialogue (paper: 5)
     probe_answers: str = "student"    # who writes the probe answers in a rollout: student | teacher [ours]
@@ -112,7 +115,7 @@ class Config:
 
 
 def check_config(cfg):
-    choices = dict(stage=("sft", "rl"), data=("qa", "ei"), algo=("reinforce", "grpo", "exgrpo"),
+    choices = dict(stage=("sft", "rl"), data=("qa", "ei"), ei_format=("dialogue", "single"), algo=("reinforce", "grpo", "exgrpo"),
                    probe_answers=("student", "teacher"), loss_agg=("seq", "token"), scale_rewards=("group", "none"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -123,8 +126,8 @@ def check_config(cfg):
         raise SystemExit("--ei_mix must be in [0, 1]")
     if cfg.algo == "exgrpo" and cfg.k < 1:
         raise SystemExit("exgrpo needs --k >= 1 probes per dialogue")
-    if cfg.group_size < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise SystemExit("--group_size, --batch_size and --grad_accum must be at least 1")
+    if min(cfg.group_size, cfg.batch_size, cfg.rl_batch_size, cfg.grad_accum) < 1:
+        raise SystemExit("--group_size, --batch_size, --rl_batch_size and --grad_accum must be at least 1")
     if cfg.batch_size % cfg.grad_accum:
         raise SystemExit(f"--batch_size={cfg.batch_size} must be divisible by --grad_accum={cfg.grad_accum}")
 
@@ -185,10 +188,11 @@ def pad_rows(rows, device, fill=0):
 
 
 def sft_batch(examples, device):
-    """(x, y): x = prompt + response without its last token; y = the next tokens, -1 on the
-    prompt and on padding, so only response tokens (EOS included) are trained."""
-    seqs = [p + r for p, r in examples]
-    labels = [[-1] * len(p) + r for p, r in examples]
+    """(x, y) for teacher forcing. An example is a list of (prompt, response) turns; x is their
+    concatenation without its last token, y the next tokens with -1 on prompts and on padding,
+    so only responses (EOS included) are trained."""
+    seqs = [[t for p, r in ex for t in p + r] for ex in examples]
+    labels = [[t for p, r in ex for t in [-1] * len(p) + r] for ex in examples]
     x, y = pad_rows(seqs, device), pad_rows(labels, device, fill=-1)
     return x[:, :-1], y[:, 1:]
 
@@ -281,19 +285,29 @@ class Run:
 
 
 def sft_examples(tok, records, cfg):
-    """The original (Q -> R_T, A) pairs and, for data=ei, every probe -> teacher response pair."""
-    questions = [(prompt_ids(tok, r["question"]), response_ids(tok, r["rationale"])) for r in records]
-    probes = [(prompt_ids(tok, p["question"]), response_ids(tok, p["rationale"]))
-              for r in records for p in r["probes"]] if cfg.data == "ei" else []
-    return questions, probes
+    """Per record, the token pairs (prompt, response) of Q and of each of its EI probes."""
+    pair = lambda q, r: (prompt_ids(tok, q), response_ids(tok, r))
+    return [(pair(r["question"], r["rationale"]), [pair(p["question"], p["rationale"]) for p in r["probes"]])
+            for r in records]
+
+
+def ei_example(g, pool, cfg):
+    """One EI-SFT example. ei_format=single: one probe -> teacher response (the paper's D_EI pair).
+    ei_format=dialogue [ours]: 1..k of a question's probes with the teacher's answers, then the
+    question, every response trained: a from-scratch student otherwise never sees the turn format
+    and the positions of EXGRPO's dialogues (its Scenario A accuracy starts near 0, measured)."""
+    question, probes = pool[g.randrange(len(pool))]
+    if cfg.ei_format == "single":
+        return [probes[g.randrange(len(probes))]]
+    return g.sample(probes, g.randint(1, min(cfg.k, len(probes)))) + [question]
 
 
 @torch.no_grad()
 def evaluate_sft(model, tok, val, cfg, device):
     """Validation loss (teacher-forced, original questions) and greedy accuracy."""
     model.eval()
-    examples = sft_examples(tok, val, cfg)[0]
-    n_tokens = sum(len(r) for _, r in examples)
+    examples = [[question] for question, _ in sft_examples(tok, val, cfg)]
+    n_tokens = sum(len(r) for [(_, r)] in examples)
     nll = 0.0
     for i in range(0, len(examples), cfg.batch_size):
         x, y = sft_batch(examples[i:i + cfg.batch_size], device)
@@ -310,12 +324,14 @@ def train_sft(cfg, model, tok, device, rank, world_size):
     order = random.Random(cfg.seed).sample(range(len(train)), len(train))
     train = [train[i] for i in sorted(order[:max(1, round(cfg.data_fraction * len(train)))])]
     val = validation(cfg)
-    questions, probes = sft_examples(tok, train, cfg)
-    if cfg.data == "ei" and not probes:
+    encoded = sft_examples(tok, train, cfg)
+    pool = [e for e in encoded if e[1]] if cfg.data == "ei" else []
+    if cfg.data == "ei" and not pool:
         raise SystemExit("data=ei but the training records hold no EI probes: rerun invert.py with rules")
     if cfg.epochs > 0:  # passes over every training example of the chosen data
-        cfg.max_iters = math.ceil(cfg.epochs * (len(questions) + len(probes)) / cfg.batch_size)
-    n_q = round(cfg.ei_mix * cfg.batch_size) if probes else cfg.batch_size
+        n_examples = len(encoded) + sum(len(probes) for _, probes in pool)
+        cfg.max_iters = math.ceil(cfg.epochs * n_examples / cfg.batch_size)
+    n_q = round(cfg.ei_mix * cfg.batch_size) if pool else cfg.batch_size
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
     ddp = DistributedDataParallel(model) if world_size > 1 else model
     run = Run(cfg, rank)
@@ -325,12 +341,12 @@ def train_sft(cfg, model, tok, device, rank, world_size):
         t0 = time.time()
         # per-step seed: the batch depends on (seed, step, rank) only, so a resumed run is identical
         g = random.Random(f"{cfg.seed}-{step}-{rank}")
-        batch = [questions[g.randrange(len(questions))] for _ in range(n_q)]
-        batch += [probes[g.randrange(len(probes))] for _ in range(cfg.batch_size - n_q)]
+        batch = [[encoded[g.randrange(len(encoded))][0]] for _ in range(n_q)]
+        batch += [ei_example(g, pool, cfg) for _ in range(cfg.batch_size - n_q)]
         lr = lr_at(step, cfg, cfg.lr, cfg.max_iters, cfg.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        n_tokens = all_reduce_sum([sum(len(r) for _, r in batch)], device)[0]
+        n_tokens = all_reduce_sum([sum(len(r) for ex in batch for _, r in ex)], device)[0]
         micro = cfg.batch_size // cfg.grad_accum
         loss_sum = 0.0
         for m in range(cfg.grad_accum):
@@ -345,8 +361,9 @@ def train_sft(cfg, model, tok, device, rank, world_size):
         loss_sum = all_reduce_sum([loss_sum], device)[0]
         grad_norm = optimizer_step(model, optimizer, cfg, loss_sum,
                                    f"at step {step + 1}; the last good checkpoint ({run.ckpt_path}) is intact")
+        seen = sum(len(p) + len(r) for ex in batch for p, r in ex) * world_size  # every token through the model
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": n_tokens / (time.time() - t0)}
+                  "tokens_per_s": seen / (time.time() - t0)}
         if val and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters):
             record.update(evaluate_sft(model, tok, val, cfg, device))
         run.log(record)
@@ -564,9 +581,9 @@ def rl_questions(cfg, ref, tok, rank):
         pool, counts = difficulty_filter(pool, lambda qs: greedy_answers(ref, tok, qs, cfg.max_new_tokens), cfg.tau_hard)
         if rank == 0:
             tqdm.write(f"difficulty filter (tau_hard={cfg.tau_hard}): {counts}")
-    if len(pool) < cfg.batch_size:
-        raise SystemExit(f"only {len(pool)} RL questions (difficulty filter: {counts}); need --batch_size="
-                         f"{cfg.batch_size}. Lower --tau_hard, set --difficulty=False or train the SFT student longer.")
+    if len(pool) < cfg.rl_batch_size:
+        raise SystemExit(f"only {len(pool)} RL questions (difficulty filter: {counts}); need --rl_batch_size="
+                         f"{cfg.rl_batch_size}. Lower --tau_hard, set --difficulty=False or train the SFT student longer.")
     return pool, counts
 
 
@@ -583,7 +600,7 @@ def train_rl(cfg, model, tok, device, rank, world_size):
     for step in bar:
         t0 = time.time()
         # per-step seeds, so a resumed run is exact; one draw of questions for all ranks, then shards
-        records = random.Random(f"{cfg.seed}-{step}").sample(pool, cfg.batch_size)[rank::world_size]
+        records = random.Random(f"{cfg.seed}-{step}").sample(pool, cfg.rl_batch_size)[rank::world_size]
         batch = rollout_batch(model, tok, records, cfg, random.Random(f"{cfg.seed}-{step}-{rank}"), device)
         t_sample = time.time() - t0
         for group in optimizer.param_groups:
@@ -633,8 +650,9 @@ def main(argv):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if cfg.batch_size % world_size:
-        raise SystemExit(f"--batch_size={cfg.batch_size} must be divisible by the {world_size} DDP ranks")
+    for key in ("batch_size", "rl_batch_size"):
+        if getattr(cfg, key) % world_size:
+            raise SystemExit(f"--{key}={getattr(cfg, key)} must be divisible by the {world_size} DDP ranks")
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tok = init_student(cfg, device)
