@@ -343,6 +343,9 @@ def train_sft(cfg, model, tok, device, rank, world_size):
         g = random.Random(f"{cfg.seed}-{step}-{rank}")
         batch = [[encoded[g.randrange(len(encoded))][0]] for _ in range(n_q)]
         batch += [ei_example(g, pool, cfg) for _ in range(cfg.batch_size - n_q)]
+        # sorted by length, micro-batches pad less (short questions apart from long dialogues);
+        # the loss is normalised by the whole step's tokens, so the gradient is the same
+        batch.sort(key=lambda ex: sum(len(p) + len(r) for p, r in ex))
         lr = lr_at(step, cfg, cfg.lr, cfg.max_iters, cfg.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr

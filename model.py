@@ -756,9 +756,13 @@ if __name__ == "__main__":
     model, tok, ckpt = load_model(cfg.init, pick_device(cfg.device))
     source = f"checkpoint step {ckpt['step']}" if ckpt else "GPT-2 weights"
     print(f"loaded {cfg.init} ({source}): {model.num_params() / 1e6:.2f}M parameters, {model.config}")
-    prompt = tok.encode(cfg.prompt.encode().decode("unicode_escape"))
+    text = cfg.prompt.encode().decode("unicode_escape")  # "\n" typed on the command line
+    try:
+        prompt = tok.encode(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     tokens, mask = model.generate([prompt], cfg.max_new_tokens, num_samples=cfg.num_samples,
                                   temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed, eot=tok.eot)
     for row, m in zip(tokens.tolist(), mask.tolist()):
         print("-" * 60)
-        print(cfg.prompt + tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot]))
+        print(text + tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot]))

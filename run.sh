@@ -38,15 +38,23 @@ for seed in $seeds; do
     stamp "seed $seed -> $run"
     # stage 1: problems, teacher rationales, EI probes, consistency filter (the data is the same for every seed)
     python invert.py $configs --out_dir=$run --n_examples=0
-    # stage 2: vanilla distillation and EI-SFT (the warm start and the frozen reference of every RL row)
-    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=sft --data=qa
-    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=sft --data=ei
-    # stage 3: the RL rows of the ablation, all from the EI-SFT student
+    # stages 2-3, two chains at once (one core each): vanilla SFT then the RL cold start;
+    # EI-SFT (the warm start and frozen reference of every other RL row) then three RL rows
+    train="python distill_rl.py $configs --out_dir=$run --seed=$seed"
     sft=$run/ckpt/sft_ei.pt
-    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=rl --init=$sft --algo=grpo --name=rl_grpo
-    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=rl --init=$sft --algo=exgrpo \
-        --dsu_bonus=False --name=rl_exgrpo_nobonus
-    python distill_rl.py $configs --out_dir=$run --seed=$seed --stage=rl --init=$sft --algo=exgrpo --name=rl_exgrpo
+    stamp "training: follow with tail -f $run/train_a.log $run/train_b.log"
+    ( $train --stage=sft --data=qa
+      $train --stage=rl --init=scratch --algo=exgrpo --difficulty=False --name=rl_cold ) > $run/train_a.log 2>&1 &
+    chain_a=$!
+    ( $train --stage=sft --data=ei
+      $train --stage=rl --init=$sft --algo=grpo --name=rl_grpo & grpo=$!
+      $train --stage=rl --init=$sft --algo=exgrpo --dsu_bonus=False --name=rl_exgrpo_nobonus & nobonus=$!
+      $train --stage=rl --init=$sft --algo=exgrpo --name=rl_exgrpo & full=$!
+      wait $grpo && wait $nobonus && wait $full ) > $run/train_b.log 2>&1 &
+    chain_b=$!
+    wait $chain_a || { echo "run.sh: training failed, see $run/train_a.log" >&2; exit 1; }
+    wait $chain_b || { echo "run.sh: training failed, see $run/train_b.log" >&2; exit 1; }
+    stamp "trained: per-step metrics in $run/logs"
     # linear probes on the students' hidden states, two worlds
     # (untrained = the same architecture with fresh weights: what the probe reads without any training)
     ckpts=untrained=init:$run/ckpt/sft_qa.pt,vanilla=$run/ckpt/sft_qa.pt,ei_sft=$run/ckpt/sft_ei.pt,exgrpo=$run/ckpt/rl_exgrpo.pt

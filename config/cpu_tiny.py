@@ -10,6 +10,7 @@ init = "scratch"
 n_layer, n_head, n_embd, block_size = 4, 4, 128, 512
 # SFT
 batch_size = 16
+grad_accum = 2            # sorted by length: questions and long EI dialogues pad apart
 lr = 3e-3
 max_iters = 800
 warmup_iters = 50
