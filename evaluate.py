@@ -277,6 +277,34 @@ def efficiency_section(entries, report_dir):
     return ["## Data efficiency", "", "![test_id accuracy vs share of training questions](data_efficiency.png)", ""]
 
 
+def linear_probe_section(runs, report_dir):
+    """probe.py's results found in the run folders: test accuracy per layer of each checkpoint's
+    linear probe, its shuffled-label control in brackets, mean over the run folders."""
+    found = {}
+    for run in runs:
+        for path in sorted(glob.glob(os.path.join(run, "probe", "probe_*.json"))):
+            found.setdefault(os.path.basename(path), []).append(path)
+    if not found:
+        return []
+    out = ["## Linear probes on hidden states", "",
+           "Test accuracy of a logistic-regression probe per layer (0 = embeddings), the shuffled-label "
+           "control in brackets, mean over run folders (probe.py).", ""]
+    for name, paths in found.items():
+        results = [json.load(open(p)) for p in paths]
+        first = results[0]
+        n_layers = len(next(iter(first["checkpoints"].values()))["lr_acc"])
+        rows = []
+        for label in first["checkpoints"]:
+            mean = lambda key, l: statistics.mean(r["checkpoints"][label][key][l] for r in results)
+            rows.append([label] + [f"{mean('lr_acc', l):.2f} ({mean('control_acc', l):.2f})" for l in range(n_layers)])
+        majority = statistics.mean(r["majority_acc"] for r in results)
+        out += [f"**{first['world']}**, target {first['target']} at {first['positions']} positions "
+                f"({first['latent']}; majority baseline {majority:.2f}, n = {len(results)})", ""]
+        out += [md_table(["checkpoint"] + [f"layer {l}" for l in range(n_layers)], rows)]
+        out += ["", f"![{name}]({os.path.relpath(paths[0][:-5] + '.png', report_dir)})", ""]
+    return out
+
+
 def write_report(cfg, runs, splits, entries, report_dir):
     methods = {}
     for e in entries:
@@ -293,7 +321,8 @@ def write_report(cfg, runs, splits, entries, report_dir):
               + (" ood_long also tests positions the student never trained on (learned absolute positions "
                  "do not extrapolate)." if "ood_long" in splits else ""))
     out = (["# Evaluation report", "", header, ""] + accuracy_sections(methods, order, splits, report_dir)
-           + probe_section(methods, order, report_dir) + curve_section(methods, order, report_dir)
+           + probe_section(methods, order, report_dir) + linear_probe_section(runs, report_dir)
+           + curve_section(methods, order, report_dir)
            + efficiency_section(entries, report_dir))
     with open(os.path.join(report_dir, "report.md"), "w") as f:
         f.write("\n".join(out))
