@@ -74,7 +74,7 @@ class Config:
     ei_mix: float = 0.5               # share of single original questions in each EI-SFT batch [ours]
     ei_format: str = "dialogue"       # EI-SFT examples: dialogue (1..k probes, then Q) | single (one probe) [ours]
     data_fraction: float = 1.0        # share of the training questions used (data-efficiency runs)
-    epochs: float = 0.0               # > 0 sets max_iters to this many passes over the questions
+    epochs: float = 0.0               # > 0 sets max_iters to this many passes over the training examples
     max_iters: int = 2000
     batch_size: int = 32              # SFT sequences per optimizer step
     grad_accum: int = 1               # micro-batches per optimizer step
@@ -115,8 +115,9 @@ class Config:
 
 
 def check_config(cfg):
-    choices = dict(stage=("sft", "rl"), data=("qa", "ei"), ei_format=("dialogue", "single"), algo=("reinforce", "grpo", "exgrpo"),
-                   probe_answers=("student", "teacher"), loss_agg=("seq", "token"), scale_rewards=("group", "none"))
+    choices = dict(stage=("sft", "rl"), data=("qa", "ei"), ei_format=("dialogue", "single"),
+                   algo=("reinforce", "grpo", "exgrpo"), probe_answers=("student", "teacher"),
+                   loss_agg=("seq", "token"), scale_rewards=("group", "none"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise SystemExit(f"--{key}={getattr(cfg, key)} is not one of {', '.join(allowed)}")

@@ -40,7 +40,7 @@ class Config:
     splits: str = "test_id,ood_long,ood_reverse,ood_names"
     worlds: str = ""                  # comma-separated; default every world in the data
     max_problems: int = 0             # per world and split; 0 = all
-    max_new_tokens: int = 48
+    max_new_tokens: int = 96          # ood_long rationales reach ~90 GPT-2 tokens
     batch_size: int = 128
     reuse: bool = False               # keep results.json entries whose checkpoint file and settings are unchanged
     device: str = "auto"

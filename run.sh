@@ -31,6 +31,7 @@ start=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }
 
 runs=""
+probes=""
 for seed in $seeds; do
     run=$out
     [ "$(echo $seeds | wc -w)" -gt 1 ] && run=$out/seed$seed
@@ -55,14 +56,17 @@ for seed in $seeds; do
     wait $chain_a || { echo "run.sh: training failed, see $run/train_a.log" >&2; exit 1; }
     wait $chain_b || { echo "run.sh: training failed, see $run/train_b.log" >&2; exit 1; }
     stamp "trained: per-step metrics in $run/logs"
-    # linear probes on the students' hidden states, two worlds
-    # (untrained = the same architecture with fresh weights: what the probe reads without any training)
+    # linear probes on the students' hidden states, two worlds, beside the evaluation below
+    # (untrained = the same architecture with fresh weights: what a probe reads without any training)
     ckpts=untrained=init:$run/ckpt/sft_qa.pt,vanilla=$run/ckpt/sft_qa.pt,ei_sft=$run/ckpt/sft_ei.pt,exgrpo=$run/ckpt/rl_exgrpo.pt
     for world in coin swap; do
         python probe.py --checkpoints=$ckpts --data=$run/data --world=$world --target=state --positions=event \
-            --out_dir=$run/probe $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1" )
-    done
+            --out_dir=$run/probe --threads=1 $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1" )
+    done > $run/probe.log 2>&1 &
+    probes="$probes $!"
 done
-stamp "evaluate"
-python evaluate.py --runs=$runs --out_dir=$out $( [ -n "$quick" ] && echo "--max_problems=8" || echo "--max_problems=100" )
+stamp "evaluate (linear probes alongside, log: probe.log in each run folder)"
+python evaluate.py --runs=$runs --out_dir=$out --threads=1 $( [ -n "$quick" ] && echo "--max_problems=8" || echo "--max_problems=60" )
+for p in $probes; do wait $p || { echo "run.sh: probe.py failed, see probe.log" >&2; exit 1; }; done
+python evaluate.py --runs=$runs --out_dir=$out --reuse=True $( [ -n "$quick" ] && echo "--max_problems=8" || echo "--max_problems=60" ) > /dev/null
 stamp "done: $out/report/report.md"
