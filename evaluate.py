@@ -153,7 +153,7 @@ def family(c):
     name = c.get("algo", "rl").upper()
     if c.get("algo") == "exgrpo" and not c.get("dsu_bonus", True):
         name += " w/o DSU bonus"
-    return name + (" cold start" if c.get("init") == "scratch" else "")
+    return name + ("" if str(c.get("init", "")).endswith(".pt") else " cold start")  # RL from the base model
 
 
 def save(fig, path):
@@ -274,7 +274,10 @@ def efficiency_section(entries, report_dir):
     ax.minorticks_off()
     ax.legend(fontsize=8)
     save(fig, os.path.join(report_dir, "data_efficiency.png"))
-    return ["## Data efficiency", "", "![test_id accuracy vs share of training questions](data_efficiency.png)", ""]
+    rows = [[fam] + [fmt(spread(fr[f])) if f in fr else "" for f in fractions] for fam, fr in sorted(points.items())]
+    return (["## Data efficiency", "", "test_id accuracy (%) by share of the training questions.", "",
+             md_table(["method"] + [f"{100 * f:g}%" for f in fractions], rows), "",
+             "![test_id accuracy vs share of training questions](data_efficiency.png)", ""])
 
 
 def linear_probe_section(runs, report_dir):

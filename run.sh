@@ -45,7 +45,7 @@ for seed in $seeds; do
     sft=$run/ckpt/sft_ei.pt
     stamp "training: follow with tail -f $run/train_a.log $run/train_b.log"
     ( $train --stage=sft --data=qa
-      $train --stage=rl --init=scratch --algo=exgrpo --difficulty=False --name=rl_cold ) > $run/train_a.log 2>&1 &
+      $train --stage=rl --algo=exgrpo --difficulty=False --name=rl_cold ) > $run/train_a.log 2>&1 &
     chain_a=$!
     ( $train --stage=sft --data=ei
       $train --stage=rl --init=$sft --algo=grpo --name=rl_grpo & grpo=$!
