@@ -208,7 +208,7 @@ def test_real_tiny_model_that_always_says_yes(tmp_path):
         loss.backward()
         optimizer.step()
     nano_checkpoint(str(tmp_path / "run" / "ckpt" / "sft_qa.pt"), tok, CONFIGS["sft_qa"], model)
-    evaluate.main([f"--out_dir={tmp_path / 'run'}", "--batch_size=4", "--device=cpu"])
+    evaluate.main([f"--out_dir={tmp_path / 'run'}", "--batch_size=4", "--device=cpu", "--max_new_tokens=48"])  # block 128
     report = open(tmp_path / "run" / "report" / "report.md").read()
     # yes-golds (an even number of flips): test_id 2/3, ood_long 3/4 (flip counts 1, 2, 0, 2),
     # ood_reverse 0/2, ood_names 2/3; split mean (66.67 + 75 + 0 + 66.67) / 4 = 52.1;
