@@ -657,8 +657,10 @@ def download_gpt2(name):
                 bar.close()
             os.replace(dest + ".part", dest)
         except Exception as e:
-            raise SystemExit(f"could not download {url} ({type(e).__name__}); "
-                             f"place that file at {dest} and rerun") from None
+            if os.path.exists(dest + ".part"):
+                os.remove(dest + ".part")  # never leave a half-downloaded file behind
+            raise SystemExit(f"could not download {url} ({type(e).__name__}); place config.json and "
+                             f"model.safetensors from https://huggingface.co/{repo} in {folder} and rerun") from None
     return folder
 
 # ---------------------------------------------------------------------------------------------

@@ -707,3 +707,16 @@ def test_parse_config_preset_file(tmp_path):
     assert cfg.steps == 3
     cfg = M.parse_config(Cfg(), ["--steps=3", str(preset)])
     assert cfg.steps == 20
+
+
+def test_offline_download_says_which_files_to_place_where(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("EXGRPO_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"place config.json and model.safetensors from "
+                                         r"https://huggingface.co/openai-community/gpt2 in .*gpt2 and rerun"):
+        M.GPT.from_pretrained("gpt2")
+    assert not list((tmp_path / "gpt2").iterdir())  # nothing half-written
