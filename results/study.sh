@@ -26,7 +26,8 @@ done
 for p in $pids; do wait $p || { echo "study.sh: a data-fraction run failed, see $run/train_*.log" >&2; exit 1; }; done
 runs=$(ls -d "$out"/seed* | paste -sd,)  # seed1 included when copied from out/default
 python evaluate.py --runs="$runs" --out_dir="$out" --max_problems=60 --reuse=True --threads=2
-cp "$out"/report/report.md "$out"/report/*.png results/
+cp "$out"/report/report.md "$out"/report/*.png "$out"/seed1/probe/*.png results/
+sed -i 's#(../seed1/probe/\(probe_[a-z_]*\.png\))#(\1)#' results/report.md  # figures sit beside it here
 python - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
