@@ -94,6 +94,8 @@ class Config:
     group_size: int = 8               # G rollouts per scenario per question [ours]
     k: int = 3                        # EI probes per dialogue (paper: 5)
     probe_answers: str = "student"    # who writes the probe answers in a rollout: student | teacher [ours]
+    grad_probe_answers: bool = True   # policy gradient through the student's probe answers too [ours]
+    partial_gradient: bool = False    # Scenario B rollouts get gradient too (own advantages) [ours]
     dsu_bonus: bool = True            # Dialogue Structure Utility bonus, Eqs. 5-6
     delta: float = 0.5                # bonus size [ours]
     nu: float = 1.0                   # fire when P_full > nu * P_partial [ours]
@@ -404,7 +406,8 @@ def sample_rollouts(model, tok, dialogues, cfg, seed):
     (question, teacher_response or None); the last turn is Q. Turns are right-aligned, so rows
     with fewer probes join later and every row answers Q in the last round. Probe turns with a
     teacher response are forced (context), the others sampled (student-written).
-    Returns per row: tokens, a 0/1 list marking student-written tokens, and the final answer text."""
+    Returns per row: tokens, a list marking student-written tokens (1 probe answers, 2 the final
+    answer, 0 prompts and forced turns), and the final answer text."""
     device = model.transformer.wte.weight.device
     n_turns = max(len(d) for d in dialogues)
     tokens = [[] for _ in dialogues]
@@ -439,7 +442,7 @@ def sample_rollouts(model, tok, dialogues, cfg, seed):
         for i, (row, m) in enumerate(zip(out.tolist(), mask.tolist())):
             new = [x for x, keep in zip(row, m) if keep]
             tokens[i] += new
-            written[i] += [1] * len(new)
+            written[i] += [2 if t == n_turns - 1 else 1] * len(new)  # 2: the final answer to Q
             if t == n_turns - 1:
                 final[i] = tok.decode([x for x in new if x != tok.eot])
     return tokens, written, final
@@ -522,11 +525,18 @@ def rollout_batch(model, tok, records, cfg, rng, device):
     if exgrpo and cfg.dsu_bonus:
         bonus, fired = dsu_bonus(correct_full, correct_partial, cfg.delta, cfg.nu)
         rewards = rewards + bonus
-    adv = group_advantages(rewards, "none" if cfg.algo == "reinforce" else cfg.scale_rewards)
+    scale = "none" if cfg.algo == "reinforce" else cfg.scale_rewards
+    adv = group_advantages(rewards, scale).view(-1)
     aux, aux_masks = aux_rows(tok, records, full) if exgrpo and cfg.aux_coef > 0 else ([], [])
-    # only Scenario A rollouts get gradient; their student-written tokens are the actions
-    return dict(rows=tokens[:Q * G], masks=written[:Q * G], adv=adv.view(-1), aux=aux, aux_masks=aux_masks,
-                rewards=rewards, correct_full=correct_full, correct_partial=correct_partial, fired=fired)
+    # the actions: every student-written token (probe answers too, unless grad_probe_answers=False)
+    actions = [[int(w == 2 or (w == 1 and cfg.grad_probe_answers)) for w in m] for m in written]
+    n = Q * G  # Scenario A rows get gradient; Scenario B rows only estimate P_partial, unless...
+    if cfg.partial_gradient:  # ...they get their own group-normalised outcome advantages
+        n = len(rows)
+        adv = torch.cat([adv, group_advantages(correct_partial, scale).view(-1)])
+    return dict(rows=tokens[:n], masks=actions[:n], adv=adv, aux=aux, aux_masks=aux_masks,
+                lens=[sum(w > 0 for w in m) for m in written[:Q * G]], rewards=rewards,
+                correct_full=correct_full, correct_partial=correct_partial, fired=fired)
 
 
 def policy_update(ddp, model, ref, optimizer, batch, cfg, world_size, on_bad_loss):
@@ -627,8 +637,7 @@ def train_rl(cfg, model, tok, device, rank, world_size):
 
 def rl_record(batch, stats, cfg, device):
     """The step's metrics, summed over DDP ranks (TRL-style names where they exist)."""
-    cf, cp, rewards, lens = batch["correct_full"], batch["correct_partial"], batch["rewards"], batch["masks"]
-    lens = [sum(m) for m in lens]
+    cf, cp, rewards, lens = batch["correct_full"], batch["correct_partial"], batch["rewards"], batch["lens"]
     sums = all_reduce_sum([cf.sum(), cf.numel(), cp.sum(), cp.numel(), rewards.sum(), batch["fired"].sum(),
                            cf.size(0), (rewards.std(1, unbiased=False) == 0).sum(), stats["kl"], stats["clipped"],
                            stats["entropy"], sum(lens), stats["aux"]], device)

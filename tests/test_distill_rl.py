@@ -315,3 +315,33 @@ def test_short_sft_then_exgrpo_raises_reward(tmp_path):
     acc = [r["acc_full"] for r in log(out, "rl_exgrpo")]
     first, last = sum(acc[:5]) / 5, sum(acc[-10:]) / 10
     assert last > first + 0.05, (first, last)
+
+
+def test_rollout_masks_and_scenario_b_flags():
+    """grad_probe_answers=False trains only the final answer; partial_gradient=True adds the
+    Scenario B rows with their own advantages. Masks never cover prompt tokens."""
+    import random
+    from model import CompactTokenizer
+    from tasks import prompt_ids
+    texts = ["Q: Is the coin heads up? Which side is up first?\nA:", " The answer is yes. no heads tails."]
+    tok = CompactTokenizer.from_texts(texts)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=tok.n_vocab, block_size=256)).eval()
+    probe = {"rule": "decompose", "question": "Which side is up first?", "rationale": "heads. The answer is heads.",
+             "answer": "heads"}
+    records = [{"world": "coin", "question": "Is the coin heads up?", "answer": "yes", "probes": [probe]}] * 2
+    Q, G = 2, 3
+    for grad_probes, partial in ((True, False), (False, True)):
+        cfg = Config(algo="exgrpo", k=1, group_size=G, max_new_tokens=6, grad_probe_answers=grad_probes,
+                     partial_gradient=partial)
+        batch = distill_rl.rollout_batch(model, tok, records, cfg, random.Random(0), "cpu")
+        n_rows = 2 * Q * G if partial else Q * G
+        assert len(batch["rows"]) == len(batch["masks"]) == len(batch["adv"]) == n_rows
+        q_prompt = prompt_ids(tok, records[0]["question"])
+        for row, mask in zip(batch["rows"], batch["masks"]):
+            assert len(row) == len(mask)
+            start = max(i for i in range(len(row) - len(q_prompt) + 1) if row[i:i + len(q_prompt)] == q_prompt)
+            end = start + len(q_prompt)  # the final answer starts after the last copy of Q's prompt
+            assert not any(mask[start:end])
+            if not grad_probes:
+                assert not any(mask[:end]) and all(mask[end:])
