@@ -19,11 +19,13 @@ stage=rl   One loop, three algorithms, on the questions the difficulty filter (E
              clipped objective (Eq. 7) over Scenario A only; Scenario B only estimates P_partial.
              Gradient through every student-written token (probe answers and final answer).
              Plus aux_coef * L_aux (Eq. 8): NLL of the teacher's probe responses in dialogue context.
-Simplifications, each a flag: one k' per question; loss_agg=seq (per-sequence token mean, then
-batch mean; token = DAPO global token mean); scale_rewards=group|none; probe_answers=student|
-teacher; rollouts sampled at `temperature` without top-k and scored at the same temperature;
-EOS is trained and everything after it masked by position; pi_old is the policy that sampled
-(ppo_epochs passes per batch); pi_ref is the starting checkpoint, frozen.
+Our decisions where the paper is silent (METHOD.md [ours]); one k' per question is fixed, the
+rest are flags: loss_agg=seq (per-sequence token mean, then batch mean; token = DAPO global
+token mean); scale_rewards=group|none; probe_answers=student|teacher; grad_probe_answers (the
+probe answers are actions too); partial_gradient (Scenario B trained too); ei_format. Rollouts are
+sampled at `temperature` without top-k and scored at the same temperature; EOS is trained and
+everything after it masked by position; pi_old is the policy that sampled (ppo_epochs passes per
+batch); pi_ref is the starting checkpoint, frozen.
 The loss value is not a progress signal (it starts near 0 by construction): watch the reward.
 
     python distill_rl.py config/cpu_tiny.py --stage=sft --data=ei
