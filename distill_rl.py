@@ -214,7 +214,8 @@ def greedy_answers(model, tok, questions, max_new_tokens, batch_size=128):
 
 def accuracy(model, tok, records, max_new_tokens):
     answers = greedy_answers(model, tok, [r["question"] for r in records], max_new_tokens)
-    return sum(is_correct(r["world"], a, r["answer"], r["question"]) for r, a in zip(records, answers)) / max(1, len(records))
+    right = sum(is_correct(r["world"], a, r["answer"], r["question"]) for r, a in zip(records, answers))
+    return right / max(1, len(records))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +376,8 @@ def train_sft(cfg, model, tok, device, rank, world_size):
         if val and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters):
             record.update(evaluate_sft(model, tok, val, cfg, device))
         run.log(record)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", **{k: f"{record[k]:.3f}" for k in ("val_loss", "val_acc") if k in record})
+        shown = {k: f"{record[k]:.3f}" for k in ("val_loss", "val_acc") if k in record}
+        bar.set_postfix(loss=f"{loss_sum:.3f}", **shown)
         if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
             run.save(model, tok, optimizer, step + 1, {"stage": "sft"})
     run.save(model, tok, optimizer, cfg.max_iters, {"stage": "sft"})
@@ -571,7 +573,8 @@ def policy_update(ddp, model, ref, optimizer, batch, cfg, world_size, on_bad_los
                 stats["clipped"] += clipped
                 stats["entropy"] += (entropy * mask).sum().item()
         for i in range(0, len(aux), cfg.micro_batch):
-            logp, mask, _ = masked_logprobs(ddp, aux[i:i + cfg.micro_batch], aux_masks[i:i + cfg.micro_batch], device, 1.0)
+            chunk = slice(i, i + cfg.micro_batch)
+            logp, mask, _ = masked_logprobs(ddp, aux[chunk], aux_masks[chunk], device, 1.0)
             nll = -(logp * mask).sum() / n_aux  # Eq. 8, token mean over the step
             (cfg.aux_coef * nll * world_size).backward()
             epoch_loss += cfg.aux_coef * nll.item()
@@ -594,12 +597,14 @@ def rl_questions(cfg, ref, tok, rank):
     pool = random.Random(f"{cfg.seed}-candidates").sample(pool, min(len(pool), cfg.rl_candidates))
     counts = {"questions": len(pool)}
     if cfg.difficulty:
-        pool, counts = difficulty_filter(pool, lambda qs: greedy_answers(ref, tok, qs, cfg.max_new_tokens), cfg.tau_hard)
+        answer_fn = lambda questions: greedy_answers(ref, tok, questions, cfg.max_new_tokens)
+        pool, counts = difficulty_filter(pool, answer_fn, cfg.tau_hard)
         if rank == 0:
             tqdm.write(f"difficulty filter (tau_hard={cfg.tau_hard}): {counts}")
     if len(pool) < cfg.rl_batch_size:
         raise SystemExit(f"only {len(pool)} RL questions (difficulty filter: {counts}); need --rl_batch_size="
-                         f"{cfg.rl_batch_size}. Lower --tau_hard, set --difficulty=False or train the SFT student longer.")
+                         f"{cfg.rl_batch_size}. Lower --tau_hard, set --difficulty=False or train the SFT "
+                         f"student longer.")
     return pool, counts
 
 

