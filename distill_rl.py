@@ -51,8 +51,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from invert import difficulty_filter, load_records
-from model import (GPT, CompactTokenizer, GPTConfig, KVCache, load_model, parse_config, pick_device,
-                   save_checkpoint, sequence_logprobs, set_threads)
+from model import (GPT, CompactTokenizer, GPTConfig, KVCache, decode_generated, load_model, parse_config,
+                   pick_device, save_checkpoint, sequence_logprobs, set_threads)
 from tasks import is_correct, prompt_ids, response_ids
 
 
@@ -207,8 +207,7 @@ def greedy_answers(model, tok, questions, max_new_tokens, batch_size=128):
     texts = []
     for i in range(0, len(questions), batch_size):
         prompts = [prompt_ids(tok, q) for q in questions[i:i + batch_size]]
-        out, mask = model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot)
-        texts += [tok.decode(row[m].tolist()).replace("<|endoftext|>", "") for row, m in zip(out, mask)]
+        texts += decode_generated(tok, *model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot))
     return texts
 
 

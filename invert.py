@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from model import get_tokenizer, load_model, parse_config
+from model import decode_generated, get_tokenizer, load_model, parse_config
 from tasks import SPLITS, dialogue_ids, is_correct, load_records, prompt_ids, response_ids
 
 
@@ -75,8 +75,8 @@ class CheckpointTeacher:
             rows = todo[b:b + self.batch_size]
             tokens, mask = self.model.generate([prompts[i] for i in rows], self.max_new_tokens, temperature=0,
                                                eot=self.tok.eot)
-            for i, row, m in zip(rows, tokens.tolist(), mask.tolist()):
-                out[i] = self.tok.decode([t for t, keep in zip(row, m) if keep and t != self.tok.eot]).strip()
+            for i, text in zip(rows, decode_generated(self.tok, tokens, mask)):
+                out[i] = text.strip()
         return out
 
 

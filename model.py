@@ -527,6 +527,12 @@ def sample_next(logits, temperature, top_k, gen):
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
 
 
+def decode_generated(tok, tokens, mask):
+    """The text of each row generate() returned: its generated tokens without the stopping EOT."""
+    return [tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot])
+            for row, m in zip(tokens.tolist(), mask.tolist())]
+
+
 def sequence_logprobs(model, idx, attn_mask=None, temperature=1.0, return_logits=False):
     """log p(idx[:, t+1] | idx[:, :t+1]) for t = 0..T-2, in fp32: shape (B, T-1). The logits at
     position t score token t+1 (PITFALLS 2). Logits are divided by the sampling temperature so
@@ -767,6 +773,6 @@ if __name__ == "__main__":
         raise SystemExit(str(e)) from None
     tokens, mask = model.generate([prompt], cfg.max_new_tokens, num_samples=cfg.num_samples,
                                   temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed, eot=tok.eot)
-    for row, m in zip(tokens.tolist(), mask.tolist()):
+    for sample in decode_generated(tok, tokens, mask):
         print("-" * 60)
-        print(text + tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot]))
+        print(text + sample)
