@@ -51,8 +51,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from invert import difficulty_filter, load_records
-from model import (GPT, CompactTokenizer, GPTConfig, KVCache, decode_generated, load_model, parse_config,
-                   pick_device, save_checkpoint, sequence_logprobs, set_threads)
+from model import (GPT, CompactTokenizer, GPTConfig, KVCache, decode_generated, load_model, pad_rows,
+                   parse_config, pick_device, save_checkpoint, sequence_logprobs, set_threads)
 from tasks import is_correct, prompt_ids, response_ids
 
 
@@ -182,14 +182,6 @@ def init_student(cfg, device):
         return model.to(device), tok
     model, tok, _ = load_model(cfg.init, device)
     return model, tok
-
-
-def pad_rows(rows, device, fill=0):
-    T = max(len(r) for r in rows)
-    out = torch.full((len(rows), T), fill, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
 
 
 def sft_batch(examples, device):

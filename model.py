@@ -527,6 +527,15 @@ def sample_next(logits, temperature, top_k, gen):
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
 
 
+def pad_rows(rows, device, fill=0):
+    """Token lists -> a right-padded (len(rows), longest) long tensor. Right padding needs no mask
+    in a causal model: real tokens never attend to the pads after them."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 def decode_generated(tok, tokens, mask):
     """The text of each row generate() returned: its generated tokens without the stopping EOT."""
     return [tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot])
@@ -550,11 +559,7 @@ def token_logprobs(model, prompts, completions, temperature=1.0):
     (B, max completion length) tensor, 0 where a completion has ended."""
     device = model.transformer.wte.weight.device
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    T = max(len(r) for r in rows)
-    idx = torch.zeros(len(rows), T, dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        idx[i, :len(r)] = torch.tensor(r)
-    logp = sequence_logprobs(model, idx, temperature=temperature)
+    logp = sequence_logprobs(model, pad_rows(rows, device), temperature=temperature)
     Tc = max(len(c) for c in completions)
     out = torch.zeros(len(rows), Tc, device=device)
     for i, (p, c) in enumerate(zip(prompts, completions)):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import GPT, load_model, parse_config, pick_device, set_threads
+from model import GPT, load_model, pad_rows, parse_config, pick_device, set_threads
 from tasks import load_records, prompt_ids
 
 
@@ -114,10 +114,7 @@ def collect_hidden(model, seqs, rows, batch_size, device):
         by_seq.setdefault(s, []).append((r, t))
     for start in tqdm(range(0, len(seqs), batch_size), desc="activations", leave=False):
         batch = seqs[start:start + batch_size]
-        idx = torch.zeros(len(batch), max(len(s) for s in batch), dtype=torch.long)
-        for b, s in enumerate(batch):
-            idx[b, :len(s)] = torch.tensor(s)
-        _, _, hidden = model(idx.to(device), return_hidden=True)
+        _, _, hidden = model(pad_rows(batch, device), return_hidden=True)
         hidden = torch.stack(hidden)  # (L+1, B, T, C)
         picks = [(r, b, t) for b in range(len(batch)) for r, t in by_seq.get(start + b, [])]
         if picks:
