@@ -1,6 +1,6 @@
 """
 Throughput of a training step and of sampling, ours against Hugging Face transformers on the same
-model, threads and shapes (DESIGN.md, Bars: "at least as fast as transformers").
+model, threads and shapes: ours should be at least as fast as transformers.
 
     python bench.py                                  # tiny (compact vocab) and GPT-2 124M shapes
     python bench.py --shapes=tiny --threads=2 --iters=5
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT, PRESETS, GPTConfig, parse_config, pick_device, sample_next, set_threads
+from configurator import parse_config, pick_device, set_threads
+from model import GPT, PRESETS, GPTConfig, sample_next
 
 
 @dataclass
@@ -55,30 +56,33 @@ def cpu_busy(seconds=1.0):
     return 1 - (i1 - i0) / max(t1 - t0, 1)
 
 
-def tokens_per_s(fn, device):
-    """Median over the timed repetitions of (tokens fn reports) / (seconds it took)."""
+def tokens_per_s(fn, device, warmup, iters):
+    """Median over `iters` timed repetitions, after `warmup` untimed ones, of (tokens fn reports) /
+    (seconds it took)."""
     rates = []
-    for i in range(cfg.warmup + cfg.iters):
+    for i in range(warmup + iters):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         n = fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        if i >= cfg.warmup:
+        if i >= warmup:
             rates.append(n / (time.perf_counter() - t0))
     return statistics.median(rates)
 
 
 def train_step(model, opt, x, hf):
+    """One fwd + bwd + AdamW step on x; returns the tokens fed in."""
     if hf:
-        loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
+        inputs, loss = x, model(input_ids=x, labels=x).loss  # HF shifts the labels itself
     else:
-        loss = model(x[:, :-1], targets=x[:, 1:])[1]
+        inputs = x[:, :-1]
+        loss = model(inputs, targets=x[:, 1:])[1]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return cfg.batch * cfg.seq_len
+    return inputs.numel()
 
 
 @torch.no_grad()
@@ -105,7 +109,8 @@ def hf_model(config):
     return transformers.GPT2LMHeadModel(hf_config)
 
 
-def bench_shape(name, device):
+def bench_shape(name, cfg, device, with_hf):
+    """[what, ours tok/s, (HF tok/s)] rows for one preset; with_hf adds transformers' numbers."""
     vocab = 50257 if name.startswith("gpt2") else cfg.compact_vocab
     config = GPTConfig(**PRESETS[name], vocab_size=vocab)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -116,26 +121,27 @@ def bench_shape(name, device):
     torch.manual_seed(cfg.seed)
     model = GPT(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    rows.append(["train", tokens_per_s(lambda: train_step(model.train(), opt, x, False), device)])
+    timed = lambda fn: tokens_per_s(fn, device, cfg.warmup, cfg.iters)
+    rows.append(["train", timed(lambda: train_step(model.train(), opt, x, False))])
 
     def generate():
         tokens, _ = model.generate(prompts.tolist(), cfg.new_tokens, temperature=1.0, seed=cfg.seed)
         return tokens.numel()  # every row runs until the last row stops
-    rows.append(["sample (KV cache)", tokens_per_s(generate, device)])
+    rows.append(["sample (KV cache)", timed(generate)])
     if cfg.nocache:
         model.eval()
-        rows.append(["sample (no cache)", tokens_per_s(lambda: sample_nocache(model, prompts, cfg.new_tokens, g), device)])
+        rows.append(["sample (no cache)", timed(lambda: sample_nocache(model, prompts, cfg.new_tokens, g))])
     del model, opt
 
-    if cfg.hf and has_transformers:
+    if with_hf:
         torch.manual_seed(cfg.seed)
         hf = hf_model(config).to(device)
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-        rows[0].append(tokens_per_s(lambda: train_step(hf.train(), opt, x[:, :-1], True), device))
+        rows[0].append(timed(lambda: train_step(hf.train(), opt, x[:, :-1], True)))
         hf.eval()
         kw = dict(do_sample=True, top_k=0, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
                   use_cache=True, pad_token_id=vocab - 1, attention_mask=torch.ones_like(prompts))
-        rows[1].append(tokens_per_s(lambda: (hf.generate(prompts, **kw).size(1) - cfg.prompt_len) * cfg.gen_batch, device))
+        rows[1].append(timed(lambda: (hf.generate(prompts, **kw).size(1) - cfg.prompt_len) * cfg.gen_batch))
         del hf, opt
     return config, rows
 
@@ -160,7 +166,7 @@ if __name__ == "__main__":
         print("transformers is not installed: no comparison")
     print(f"{'shape':<12} {'what':<18} {'ours tok/s':>11} {'HF tok/s':>10} {'ours/HF':>8}")
     for name in cfg.shapes.split(","):
-        config, rows = bench_shape(name, device)
+        config, rows = bench_shape(name, cfg, device, cfg.hf and has_transformers)
         label = f"{name} V={config.vocab_size}"
         for what, ours, *theirs in rows:
             hf = f"{theirs[0]:10.0f} {ours / theirs[0]:8.2f}" if theirs else f"{'-':>10} {'-':>8}"

@@ -50,10 +50,33 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from invert import difficulty_filter, load_records
-from model import (GPT, CompactTokenizer, GPTConfig, KVCache, decode_generated, load_model, pad_rows,
-                   parse_config, pick_device, save_checkpoint, sequence_logprobs, set_threads)
-from tasks import is_correct, prompt_ids, response_ids
+from collections import Counter
+
+from configurator import parse_config, pick_device, set_threads
+from model import GPT, GPTConfig, KVCache, load_model, pad_rows, save_checkpoint, sequence_logprobs
+from tasks import greedy_answers, is_correct, load_records, prompt_ids, response_ids
+from tokenizer import CompactTokenizer
+
+
+def difficulty_filter(records, answer_fn, tau_hard=1):
+    """Eq. 2: keep Q when tau_hard <= L < N'_Q, where N'_Q is the number of Q's EI probes and L the number
+    the student answers right; drop Q when N'_Q = 0. answer_fn(probe questions) -> response texts (e.g.
+    the student's greedy generate). Returns (kept records, counts of kept and of each kind dropped)."""
+    flat = [(i, pr) for i, r in enumerate(records) for pr in r["probes"]]
+    said = answer_fn([pr["question"] for _, pr in flat]) if flat else []
+    if len(said) != len(flat):
+        raise ValueError(f"answer_fn gave {len(said)} responses for {len(flat)} probe questions")
+    right = Counter()
+    for (i, pr), t in zip(flat, said):
+        right[i] += is_correct(records[i]["world"], t, pr["answer"], pr["question"])
+    counts, kept = dict(kept=0, dropped_all_correct=0, dropped_too_few=0, dropped_no_probes=0), []
+    for i, r in enumerate(records):
+        n = len(r["probes"])
+        key = ("dropped_no_probes" if n == 0 else "dropped_all_correct" if right[i] == n
+               else "dropped_too_few" if right[i] < tau_hard else "kept")
+        counts[key] += 1
+        kept += [r] if key == "kept" else []
+    return kept, counts
 
 
 @dataclass
@@ -192,15 +215,6 @@ def sft_batch(examples, device):
     labels = [[t for p, r in ex for t in [-1] * len(p) + r] for ex in examples]
     x, y = pad_rows(seqs, device), pad_rows(labels, device, fill=-1)
     return x[:, :-1], y[:, 1:]
-
-
-def greedy_answers(model, tok, questions, max_new_tokens, batch_size=128):
-    """Greedy single-turn responses: how every accuracy in this project is measured."""
-    texts = []
-    for i in range(0, len(questions), batch_size):
-        prompts = [prompt_ids(tok, q) for q in questions[i:i + batch_size]]
-        texts += decode_generated(tok, *model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot))
-    return texts
 
 
 def accuracy(model, tok, records, max_new_tokens):

@@ -3,8 +3,8 @@ Evaluation and the report. For each checkpoint: greedy single-turn accuracy on t
 OOD split, per world; accuracy on the EI probes of the test_id problems, per rule (explanatory
 consistency: does the student answer the questions that explain its own answers?). Then tables with
 the mean ± std over seeds, bar charts, training curves from the logs and, when runs with
-data_fraction < 1 exist, a data-efficiency plot. Inference is single-turn (METHOD.md): the student
-sees the question alone, no probes in context.
+data_fraction < 1 exist, a data-efficiency plot. Inference is single-turn, as in the paper: the
+student sees the question alone, no probes in context.
 
     python evaluate.py --out_dir=out/default                              # every checkpoint in out/default/ckpt
     python evaluate.py --runs=out/s1,out/s2,out/s3 --out_dir=out/seeds    # one run folder per seed
@@ -27,9 +27,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from distill_rl import greedy_answers
-from model import load_model, parse_config, pick_device, set_threads
-from tasks import EI_RULES, is_correct, load_records
+from configurator import parse_config, pick_device, set_threads
+from model import load_model
+from tasks import EI_RULES, greedy_answers, is_correct, read_split
 
 
 @dataclass
@@ -76,13 +76,9 @@ def load_data(run, splits, worlds, max_problems):
     of each world (the JSONL order is the generator's, so this is the same subset every time)."""
     data = {}
     for split in splits:
-        path = os.path.join(run, "data", f"{split}.jsonl")
-        if not os.path.isfile(path):
-            raise SystemExit(f"{path} does not exist: run `python invert.py --out_dir={run}` first, "
-                             f"or leave {split} out of --splits")
         seen, data[split] = {}, []
-        for r in load_records(path):
-            if (not worlds or r["world"] in worlds) and (not max_problems or seen.get(r["world"], 0) < max_problems):
+        for r in read_split(os.path.join(run, "data"), split, worlds or None):
+            if not max_problems or seen.get(r["world"], 0) < max_problems:
                 seen[r["world"]] = seen.get(r["world"], 0) + 1
                 data[split].append(r)
     return data
@@ -222,7 +218,7 @@ def accuracy_sections(methods, order, splits, report_dir):
 
 
 def probe_section(methods, order, report_dir):
-    """Accuracy on the EI probes of the test_id problems, per rule (in METHOD.md's order) and pooled."""
+    """Accuracy on the EI probes of the test_id problems, per rule (in tasks.EI_RULES' order) and pooled."""
     rules = sorted({r for es in methods.values() for e in es for r in e["probes"]},
                    key=lambda r: (list(EI_RULES) + [r]).index(r))
     out = ["## EI-probe accuracy per rule (explanatory consistency, test_id problems)", ""]

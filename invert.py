@@ -1,4 +1,4 @@
-"""Stage 1: Explanatory Inversion (METHOD.md) -> the EI dataset on disk.
+"""Stage 1: Explanatory Inversion -> the EI dataset on disk.
 
     python invert.py                                    # the oracle teacher, all four worlds
     python invert.py --teacher=out/x/ckpt/sft_ei.pt     # a checkpoint of ours as the teacher
@@ -10,7 +10,6 @@ the teacher re-answers Q with the probe dialogue in front; the probe stays only 
 -> out_dir/data/{split}.jsonl (every world in one file per split, in world order) and stats.json.
 The teacher filters shape the training data only: val, test_id and the OOD splits keep every problem
 with the exact rationale and exact EI probes, so every method is measured on the same yardstick.
-The difficulty filter (Eq. 2) is here too; distill_rl.py applies it with the student that enters RL.
 """
 import json
 import os
@@ -23,7 +22,9 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from model import decode_generated, get_tokenizer, load_model, parse_config
+from configurator import atomic_write, parse_config
+from model import load_model
+from tokenizer import decode_generated, get_tokenizer
 from tasks import SPLITS, dialogue_ids, is_correct, load_records, prompt_ids, response_ids
 
 
@@ -113,37 +114,9 @@ def consistency_filter(teacher, records):
     return [{**r, 'probes': p} for r, p in zip(records, probes)], dict(removed)
 
 
-def difficulty_filter(records, answer_fn, tau_hard=1):
-    """Eq. 2: keep Q when tau_hard <= L < N'_Q, where N'_Q is the number of Q's EI probes and L the number
-    the student answers right; drop Q when N'_Q = 0. answer_fn(probe questions) -> response texts (e.g.
-    the student's greedy generate). Returns (kept records, counts of kept and of each kind dropped)."""
-    flat = [(i, pr) for i, r in enumerate(records) for pr in r['probes']]
-    said = answer_fn([pr['question'] for _, pr in flat]) if flat else []
-    if len(said) != len(flat):
-        raise ValueError(f'answer_fn gave {len(said)} responses for {len(flat)} probe questions')
-    right = Counter()
-    for (i, pr), t in zip(flat, said):
-        right[i] += is_correct(records[i]['world'], t, pr['answer'], pr['question'])
-    counts, kept = dict(kept=0, dropped_all_correct=0, dropped_too_few=0, dropped_no_probes=0), []
-    for i, r in enumerate(records):
-        n = len(r['probes'])
-        key = ('dropped_no_probes' if n == 0 else 'dropped_all_correct' if right[i] == n
-               else 'dropped_too_few' if right[i] < tau_hard else 'kept')
-        counts[key] += 1
-        kept += [r] if key == 'kept' else []
-    return kept, counts
-
-
 def write_jsonl(path, records):
     """Atomically (a temp file in the same folder, then a rename), keys sorted: byte-identical reruns."""
-    write_text(path, ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
-
-
-def write_text(path, text):
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
 
 
 def percentiles(values):
@@ -226,7 +199,7 @@ def build(cfg):
                                 'probes': sum(len(r['probes']) for r in recs if r['world'] == w)}
                             for w in sorted({r['world'] for r in recs})} for s, recs in data.items()},
              **stats, 'token_lengths_gpt2_train': token_lengths(data['train'])}
-    write_text(os.path.join(folder, 'stats.json'), json.dumps(stats, indent=1, sort_keys=True) + '\n')
+    atomic_write(os.path.join(folder, 'stats.json'), json.dumps(stats, indent=1, sort_keys=True) + '\n')
     return data, stats
 
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import GPT, load_model, pad_rows, parse_config, pick_device, set_threads
+from configurator import parse_config, pick_device, set_threads
+from model import GPT, load_model, pad_rows
 from tasks import load_records, prompt_ids
 
 

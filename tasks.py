@@ -11,7 +11,7 @@ Splits: train, val, test_id and, out of distribution, ood_long (longer chains), 
 question gives the final state and asks for the initial one: GSM8K-Reversal's analogue) and
 ood_names (names and objects never used in training). Generation is seeded and deterministic.
 
-The EI rules of METHOD.md are functions over the structured problem, so every EI probe comes with an
+The paper's EI rules are functions over the structured problem, so every EI probe comes with an
 exact rationale and answer; a rule that does not fit a problem returns None. Probe questions restate
 the story, because the student sees them alone. Also here, defined once for every stage: the oracle
 teacher, the prompt format (EOT separates turns), answer extraction and checking, and the JSONL
@@ -22,6 +22,8 @@ import os
 import random
 import re
 from dataclasses import asdict, dataclass, field, replace
+
+from tokenizer import decode_generated
 
 NAMES = {'train': ('Tom', 'Ann', 'Bob', 'Eve', 'Sam', 'Max', 'Amy', 'Joe', 'Kim', 'Dan', 'Liz', 'Ben'),
          'ood': ('Ivan', 'Olga', 'Raj', 'Yuki', 'Omar', 'Nina', 'Hugo', 'Lena', 'Igor', 'Mona')}
@@ -748,3 +750,24 @@ def load_records(path, world=None):
                 if world is None or r['world'] == world:
                     out.append(r)
     return out
+
+
+def read_split(data_dir, split, worlds=None, required=True):
+    """The records of data_dir/{split}.jsonl, the file invert.py writes, optionally only the given
+    worlds'. A missing file is [] when not required (a user's data may bring only train), else an
+    error that says how to make it."""
+    path = os.path.join(data_dir, f'{split}.jsonl')
+    if not os.path.isfile(path):
+        if not required:
+            return []
+        raise SystemExit(f'{path} does not exist: run `python invert.py --out_dir={os.path.dirname(data_dir)}` first')
+    return [r for r in load_records(path) if worlds is None or r['world'] in worlds]
+
+
+def greedy_answers(model, tok, questions, max_new_tokens, batch_size=128):
+    """Greedy single-turn responses, the question alone in the prompt: how every accuracy is measured."""
+    texts = []
+    for i in range(0, len(questions), batch_size):
+        prompts = [prompt_ids(tok, q) for q in questions[i:i + batch_size]]
+        texts += decode_generated(tok, *model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot))
+    return texts

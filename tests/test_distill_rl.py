@@ -55,6 +55,29 @@ def test_dsu_bonus_by_hand():
     assert fired.tolist() == [False, False, True, False]
 
 
+def test_difficulty_filter_semantics():
+    def rec(i, n):
+        return {"id": str(i), "world": "arith", "question": f"q{i}", "answer": "1", "rationale": "The answer is 1.",
+                "probes": [{"rule": "verify", "question": f"q{i}-{k}", "rationale": "The answer is 5.", "answer": "5"}
+                           for k in range(n)]}
+    # (probes N', how many the student gets right L)
+    cases = [(3, 1), (3, 2), (3, 3), (3, 0), (0, 0), (1, 1), (1, 0)]
+    recs = [rec(i, n) for i, (n, _) in enumerate(cases)]
+    right = {f"q{i}-{k}" for i, (n, L) in enumerate(cases) for k in range(L)}
+    calls = []
+
+    def answer_fn(qs):
+        calls.append(len(qs))
+        return ["so 5. The answer is 5." if q in right else "The answer is 6." for q in qs]
+    kept, counts = distill_rl.difficulty_filter(recs, answer_fn, tau_hard=1)
+    assert [r["id"] for r in kept] == ["0", "1"] and calls == [sum(n for n, _ in cases)]
+    assert counts == {"kept": 2, "dropped_all_correct": 2, "dropped_too_few": 2, "dropped_no_probes": 1}
+    kept, counts = distill_rl.difficulty_filter(recs, answer_fn, tau_hard=2)
+    assert [r["id"] for r in kept] == ["1"] and counts["dropped_too_few"] == 3
+    assert distill_rl.difficulty_filter([], answer_fn) == ([], {"kept": 0, "dropped_all_correct": 0,
+                                                                "dropped_too_few": 0, "dropped_no_probes": 0})
+
+
 # ---------------------------------------------------------------------------------------------
 # the loss: masks, ratio, KL
 
@@ -321,7 +344,7 @@ def test_rollout_masks_and_scenario_b_flags():
     """grad_probe_answers=False trains only the final answer; partial_gradient=True adds the
     Scenario B rows with their own advantages. Masks never cover prompt tokens."""
     import random
-    from model import CompactTokenizer
+    from tokenizer import CompactTokenizer
     from tasks import prompt_ids
     texts = ["Q: Is the coin heads up? Which side is up first?\nA:", " The answer is yes. no heads tails."]
     tok = CompactTokenizer.from_texts(texts)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import evaluate
-from model import GPT, PRESETS, CompactTokenizer, GPTConfig, save_checkpoint
+from model import GPT, PRESETS, GPTConfig, save_checkpoint
+from tokenizer import CompactTokenizer
 from tasks import prompt_ids, response_ids
 
 SPLITS = ["test_id", "ood_long", "ood_reverse", "ood_names"]

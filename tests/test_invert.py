@@ -11,7 +11,8 @@ import torch
 
 import invert
 import tasks
-from model import GPT, GPTConfig, CompactTokenizer, save_checkpoint
+from model import GPT, GPTConfig, save_checkpoint
+from tokenizer import CompactTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,29 +58,6 @@ def test_teacher_answers_drop_what_the_teacher_gets_wrong(records):
     assert [r['id'] for r in kept] == [r['id'] for r in records if r['question'] != bad_q]
     assert counts == {'removed_teacher_wrong': 1, 'removed_probe_wrong': {bad_probe['rule']: 1}}
     assert bad_probe not in kept[0]['probes'] and len(kept[0]['probes']) == len(records[0]['probes']) - 1
-
-
-def test_difficulty_filter_semantics():
-    def rec(i, n):
-        return {'id': str(i), 'world': 'arith', 'question': f'q{i}', 'answer': '1', 'rationale': 'The answer is 1.',
-                'probes': [{'rule': 'verify', 'question': f'q{i}-{k}', 'rationale': 'The answer is 5.', 'answer': '5'}
-                           for k in range(n)]}
-    # (probes N', how many the student gets right L)
-    cases = [(3, 1), (3, 2), (3, 3), (3, 0), (0, 0), (1, 1), (1, 0)]
-    recs = [rec(i, n) for i, (n, _) in enumerate(cases)]
-    right = {f'q{i}-{k}' for i, (n, L) in enumerate(cases) for k in range(L)}
-    calls = []
-
-    def answer_fn(qs):
-        calls.append(len(qs))
-        return ['so 5. The answer is 5.' if q in right else 'The answer is 6.' for q in qs]
-    kept, counts = invert.difficulty_filter(recs, answer_fn, tau_hard=1)
-    assert [r['id'] for r in kept] == ['0', '1'] and calls == [sum(n for n, _ in cases)]
-    assert counts == {'kept': 2, 'dropped_all_correct': 2, 'dropped_too_few': 2, 'dropped_no_probes': 1}
-    kept, counts = invert.difficulty_filter(recs, answer_fn, tau_hard=2)
-    assert [r['id'] for r in kept] == ['1'] and counts['dropped_too_few'] == 3
-    assert invert.difficulty_filter([], answer_fn) == ([], {'kept': 0, 'dropped_all_correct': 0,
-                                                            'dropped_too_few': 0, 'dropped_no_probes': 0})
 
 
 GOOD = {'question': 'What is 2 + 2?', 'answer': '4', 'rationale': '2 + 2 = 4. The answer is 4.'}

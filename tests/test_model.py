@@ -1,5 +1,5 @@
-"""model.py: GPT-2 parity with Hugging Face, KV-cache sampling, log-probs, tokenizers, safetensors
-and checkpoint I/O, config parsing. Tiny random models, CPU, offline."""
+"""model.py and gpt2_files.py: GPT-2 parity with Hugging Face, KV-cache sampling, log-probs,
+safetensors and checkpoint I/O. Tiny random models, CPU, offline."""
 import dataclasses
 import hashlib
 import json
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+import gpt2_files as G
 import model as M
 from model import GPT, GPTConfig
+from tokenizer import CompactTokenizer, get_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -106,14 +108,14 @@ def to_hub_layout(src, dst):
     """Rewrite a transformers-saved folder the way the hub's openai-community/gpt2 file is laid
     out: no "transformer." prefix, plus the attn.bias / attn.masked_bias buffers."""
     os.makedirs(dst)
-    saved = M.read_safetensors(os.path.join(src, "model.safetensors"))
+    saved = G.read_safetensors(os.path.join(src, "model.safetensors"))
     tensors = {k.removeprefix("transformer."): v for k, v in saved.items()}
     assert not any(k.startswith("transformer.") for k in tensors)
     n_layer, n_pos = json.load(open(os.path.join(src, "config.json")))["n_layer"], tensors["wpe.weight"].shape[0]
     for i in range(n_layer):
         tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
         tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    M.write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+    G.write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
     shutil.copy(os.path.join(src, "config.json"), dst)
     return dst
 
@@ -141,7 +143,7 @@ def test_from_pretrained_matches_hf(tmp_path, vocab, layout):
 def test_save_hf_round_trip(tmp_path, gpt):
     transformers = pytest.importorskip("transformers")
     folder = str(tmp_path / "export")
-    gpt.save_hf(folder)
+    G.save_hf(gpt, folder)
     files = os.listdir(folder)
     assert {"config.json", "model.safetensors"} <= set(files) and not any(f.endswith(".tmp") for f in files)
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
@@ -157,8 +159,8 @@ def test_save_hf_round_trip(tmp_path, gpt):
 
 
 def test_save_hf_writes_compact_tokenizer_map(tmp_path, gpt):
-    tok = M.CompactTokenizer.from_texts(["a b c"])
-    gpt.save_hf(str(tmp_path), tokenizer=tok)
+    tok = CompactTokenizer.from_texts(["a b c"])
+    G.save_hf(gpt, str(tmp_path), tokenizer=tok)
     assert json.load(open(tmp_path / "exgrpo_tokenizer.json")) == tok.state()
 
 # ---------------------------------------------------------------------------------------------
@@ -368,99 +370,19 @@ def manual_logprobs(model, prompt, completion, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @torch.no_grad()
-def test_token_logprobs_equal_token_by_token(gpt, temperature):
+def test_sequence_logprobs_of_right_padded_rows_equal_token_by_token(gpt, temperature):
+    """The way the RL loss scores rollouts: prompt + completion rows, right-padded, one forward."""
     prompts, completions = prompts_of([4, 7, 1], seed=2), prompts_of([5, 2, 6], seed=3)
-    logp = M.token_logprobs(gpt, prompts, completions, temperature=temperature)
-    assert logp.shape == (3, 6)
+    rows = [p + c for p, c in zip(prompts, completions)]
+    logp = M.sequence_logprobs(gpt, M.pad_rows(rows, "cpu"), temperature=temperature)
+    assert logp.shape == (3, 8) and logp.dtype == torch.float32  # rows of 9, 9 and 7 tokens
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ref = torch.tensor(manual_logprobs(gpt, p, c, temperature))
-        torch.testing.assert_close(logp[i, :len(c)], ref, atol=1e-5, rtol=0)
-        assert (logp[i, len(c):] == 0).all()
-        torch.testing.assert_close(logp[i, :len(c)].sum(), ref.sum(), atol=1e-5, rtol=1e-6)
-    seq = torch.tensor([prompts[1] + completions[1]])
-    full = M.sequence_logprobs(gpt, seq, temperature=temperature)
-    assert full.shape == (1, seq.size(1) - 1) and full.dtype == torch.float32
-    torch.testing.assert_close(full[0], torch.tensor(manual_logprobs(gpt, seq[0, :1].tolist(), seq[0, 1:].tolist(),
-                                                                     temperature)), atol=1e-5, rtol=0)
-
-# ---------------------------------------------------------------------------------------------
-# tokenizers
-
-GPT2_URLS = {"vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-             "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"}
-TEXTS = [
-    "Hello, world! The quick brown fox jumps over the lazy dog.",
-    "Q: Tom has 15 apples. He eats 7.\nA: 15 - 7 = 8. The answer is 8.",
-    "Café naïve résumé — Zürich, São Paulo, Ångström, Łódź",
-    "日本語のテキスト、中文文本、한국어 텍스트",
-    "emoji 😀🎉👍🏽 and a family 👨‍👩‍👧 and flags 🇫🇷",
-    "  leading spaces\n\n\ttabs   and   runs    \n   \r\n trailing   ",
-    "def f(x):\n    return x**2 + 3  # square\n\nprint(f(4))\n",
-    "3.14159 1,000,000 2024-01-31 12345678901234567890 -42 0x1F",
-    "I'm sure we'll see they've gone, she'd say. DON'T SHOUT",
-    "before<|endoftext|>after <|endoftext|>",
-    "\u00a0nbsp, soft\u00adhyphen, controls \x00\x01\x7f, zero\u200bwidth",
-    "",
-]
-
-
-@pytest.fixture(scope="module")
-def reference_encoding(tmp_path_factory):
-    """tiktoken's own gpt2 encoding, offline: its cache pre-seeded with the same two files under
-    the names tiktoken looks for (sha1 of the URL)."""
-    import tiktoken
-    cache = tmp_path_factory.mktemp("tiktoken_cache")
-    for name, path in M.gpt2_bpe_files().items():
-        shutil.copy(path, cache / hashlib.sha1(GPT2_URLS[name].encode()).hexdigest())
-    old = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-    try:
-        yield tiktoken.get_encoding("gpt2")
-    finally:
-        if old is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = old
-
-
-@pytest.mark.parametrize("text", TEXTS)
-def test_gpt2_tokenizer_matches_tiktoken(reference_encoding, text):
-    tok = M.get_tokenizer()
-    ids = tok.encode(text)
-    assert ids == reference_encoding.encode_ordinary(text)
-    assert tok.decode(ids) == text
-    assert M.GPT2_EOT not in ids
-
-
-def test_gpt2_tokenizer_specials():
-    tok = M.get_tokenizer()
-    assert (tok.eot, tok.n_vocab) == (50256, 50257)
-    assert tok.decode([tok.eot]) == "<|endoftext|>"
-    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]  # plain text: <| end of text |>
-    assert tok.encode("Hello world") == [15496, 995]  # the ids every GPT-2 user knows
-    assert M.tokenizer_from_state(json.loads(json.dumps(tok.state()))) is tok
-
-
-def test_compact_tokenizer():
-    corpus = ["Q: Ann has 3 coins. She flips one.\nA: The answer is yes.", "Q: Bob trades a hat.\nA: 12 - 4 = 8."]
-    tok = M.CompactTokenizer.from_texts(corpus)
-    gpt2 = M.get_tokenizer()
-    used = sorted({t for text in corpus for t in gpt2.encode(text)} | {gpt2.eot})
-    assert tok.n_vocab == len(used) and tok.ids == used  # dense ids over exactly the tokens used
-    for text in corpus:
-        ids = tok.encode(text)
-        assert all(0 <= i < tok.n_vocab for i in ids) and tok.decode(ids) == text
-        assert [used[i] for i in ids] == gpt2.encode(text)
-    assert tok.eot == tok.n_vocab - 1 and tok.decode([tok.eot]) == "<|endoftext|>"
-    assert tok.decode(tok.encode(corpus[0]) + [tok.eot]) == corpus[0] + "<|endoftext|>"
-    with pytest.raises(ValueError, match=r"token ' z' \(GPT-2 id 1976\) of 'Q: Ann has a zebra' is not in this "
-                                         r"compact vocabulary; rebuild it from texts that include it"):
-        tok.encode("Q: Ann has a zebra")
-    back = M.tokenizer_from_state(json.loads(json.dumps(tok.state())))
-    assert isinstance(back, M.CompactTokenizer) and back.ids == tok.ids and back.eot == tok.eot
-    assert back.encode(corpus[1]) == tok.encode(corpus[1])
-    with pytest.raises(ValueError, match="unknown tokenizer kind 'bpe'"):
-        M.tokenizer_from_state({"kind": "bpe"})
+        torch.testing.assert_close(logp[i, len(p) - 1:len(p) - 1 + len(c)], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logp[i, len(p) - 1:len(p) - 1 + len(c)].sum(), ref.sum(), atol=1e-5, rtol=1e-6)
+    full = M.sequence_logprobs(gpt, torch.tensor([rows[1]]), temperature=temperature)
+    torch.testing.assert_close(full[0], torch.tensor(manual_logprobs(gpt, rows[1][:1], rows[1][1:], temperature)),
+                               atol=1e-5, rtol=0)
 
 # ---------------------------------------------------------------------------------------------
 # bad weight files
@@ -469,15 +391,15 @@ def test_compact_tokenizer():
 @pytest.fixture
 def hf_folder(tmp_path, gpt):
     folder = tmp_path / "w"
-    gpt.save_hf(str(folder))
+    G.save_hf(gpt, str(folder))
     return folder
 
 
 def rewrite(folder, edit):
     file = str(folder / "model.safetensors")
-    tensors = M.read_safetensors(file)
+    tensors = G.read_safetensors(file)
     edit(tensors)
-    M.write_safetensors(file, tensors)
+    G.write_safetensors(file, tensors)
 
 
 def test_truncated_safetensors(hf_folder):
@@ -551,7 +473,7 @@ def test_extra_tensor(hf_folder):
 
 def test_missing_last_layer_is_an_error(hf_folder):
     """config.json says n_layer=2; a file without any h.1.* tensor must not load as a 1-layer
-    model (DESIGN: a wrong file is a clear error, never a half-loaded model)."""
+    model (a wrong file is a clear error, never a half-loaded model)."""
     rewrite(hf_folder, lambda t: [t.pop(k) for k in list(t) if k.startswith("transformer.h.1.")])
     with pytest.raises(ValueError, match="n_layer"):
         GPT.from_pretrained(str(hf_folder))
@@ -574,7 +496,7 @@ def test_missing_weights_file(tmp_path):
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**M.PRESETS["nano"], vocab_size=40))
-    tok = M.CompactTokenizer.from_texts(["the cat sat on the mat"])
+    tok = CompactTokenizer.from_texts(["the cat sat on the mat"])
     opt = model.configure_optimizer(lr=1e-2, weight_decay=0.1)
     idx = torch.randint(0, 40, (2, 8))
     model(idx, targets=idx)[1].backward()
@@ -585,13 +507,15 @@ def test_checkpoint_round_trip(tmp_path):
     assert os.listdir(tmp_path / "ckpt") == ["last.pt"]  # written atomically, no .tmp left
 
     loaded, tok2, ckpt = M.load_model(path)
-    M.set_rng_state(ckpt["rng"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
     restored = (torch.rand(4), random.random(), np.random.rand(3))
     assert torch.equal(after_save[0], restored[0]) and after_save[1] == restored[1]
     assert np.array_equal(after_save[2], restored[2])
 
     assert ckpt["step"] == 7 and ckpt["extra"] == {"note": "x"} and loaded.config == model.config
-    assert isinstance(tok2, M.CompactTokenizer) and tok2.ids == tok.ids
+    assert isinstance(tok2, CompactTokenizer) and tok2.ids == tok.ids
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied after loading
@@ -608,18 +532,17 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     model = GPT(GPTConfig(**M.PRESETS["nano"], vocab_size=40))
-    tok = M.CompactTokenizer.from_texts(["a b"])
+    tok = CompactTokenizer.from_texts(["a b"])
     path = str(tmp_path / "last.pt")
     M.save_checkpoint(path, model, tok, step=1)
 
-    def crash(obj, f, *args, **kwargs):  # a crash in the middle of writing
-        open(f, "wb").write(b"half a checkpoint")
+    def crash(src, dst):  # the process dies after writing the temp file, before the rename
         raise KeyboardInterrupt
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         M.save_checkpoint(path, model, tok, step=2)
     monkeypatch.undo()
-    assert M.load_checkpoint(path)["step"] == 1
+    assert M.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["last.pt"]
 
 
 def test_wrong_architecture_is_an_error(tmp_path):
@@ -635,7 +558,7 @@ def test_wrong_architecture_is_an_error(tmp_path):
         M.load_state(small, deep.state_dict(), "src")
 
     path = str(tmp_path / "c.pt")
-    M.save_checkpoint(path, small, M.CompactTokenizer.from_texts(["a"]))
+    M.save_checkpoint(path, small, CompactTokenizer.from_texts(["a"]))
     ckpt = torch.load(path, weights_only=False)
     ckpt["config"]["n_embd"] = 48  # a checkpoint whose config does not match its weights
     torch.save(ckpt, path)
@@ -657,56 +580,10 @@ def test_unreadable_checkpoint(tmp_path):
 
 def test_load_model_reads_hf_folder(hf_folder, gpt):
     model, tok, ckpt = M.load_model(str(hf_folder))
-    assert ckpt is None and tok is M.get_tokenizer()
+    assert ckpt is None and tok is get_tokenizer()
     idx = torch.tensor([prompts_of([6])[0]])
     with torch.no_grad():
         assert torch.equal(model(idx)[0], gpt(idx)[0])
-
-# ---------------------------------------------------------------------------------------------
-# parse_config
-
-
-@dataclasses.dataclass
-class Cfg:
-    steps: int = 10
-    lr: float = 3e-4
-    compile: bool = False
-    name: str = "run"
-
-
-def test_parse_config_types():
-    cfg = M.parse_config(Cfg(), ["--steps=20", "--lr=1", "--compile=True", "--name=exgrpo"])
-    assert (cfg.steps, cfg.lr, cfg.compile, cfg.name) == (20, 1.0, True, "exgrpo")
-    assert type(cfg.lr) is float and type(cfg.steps) is int
-    cfg = M.parse_config(Cfg(), ["--lr=2e-5", "--name=123", "--compile=False"])
-    assert (cfg.lr, cfg.name, cfg.compile) == (2e-5, "123", False)
-    assert type(cfg.name) is str
-
-
-@pytest.mark.parametrize("arg, message", [
-    ("--stepz=3", "unknown option --stepz; options are: compile, lr, name, steps"),
-    ("--steps=2.5", "--steps expects a int, got 2.5"),
-    ("--steps=abc", "--steps expects a int, got abc"),
-    ("--compile=1", "--compile expects True or False, got 1"),
-    ("--lr=True", "--lr expects a float, got True"),
-    ("--steps", "argument --steps must look like --key=value"),
-    ("config/none.py", "config file config/none.py does not exist"),
-])
-def test_parse_config_errors(arg, message):
-    with pytest.raises(SystemExit) as e:
-        M.parse_config(Cfg(), [arg])
-    assert message in str(e.value.code)
-
-
-def test_parse_config_preset_file(tmp_path):
-    preset = tmp_path / "preset.py"
-    preset.write_text("import math\nsteps = 5 * 4\nlr = math.sqrt(1e-8)\nnot_a_field = 1\n_private = 2\n")
-    cfg = M.parse_config(Cfg(), [str(preset)])
-    assert (cfg.steps, cfg.lr, cfg.name) == (20, 1e-4, "run") and not hasattr(cfg, "not_a_field")
-    cfg = M.parse_config(Cfg(), [str(preset), "--steps=3"])  # applied in order: later wins
-    assert cfg.steps == 3
-    cfg = M.parse_config(Cfg(), ["--steps=3", str(preset)])
-    assert cfg.steps == 20
 
 
 def test_offline_download_says_which_files_to_place_where(tmp_path, monkeypatch):

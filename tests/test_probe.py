@@ -8,7 +8,8 @@ import torch
 
 import probe
 import tasks
-from model import GPT, PRESETS, CompactTokenizer, GPTConfig, save_checkpoint
+from model import GPT, PRESETS, GPTConfig, save_checkpoint
+from tokenizer import CompactTokenizer
 
 CFG = probe.Config(iters=300)
 
