@@ -11,6 +11,8 @@ import torch
 import distill_rl
 from distill_rl import Config, dsu_bonus, group_advantages, masked_logprobs, policy_update, rl_loss
 from model import GPT, GPTConfig, load_checkpoint
+from tasks import prompt_ids
+from tokenizer import CompactTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,9 +112,9 @@ def test_kl_positive_and_finite_after_one_update():
     cfg = Config(algo="grpo", beta=0.04, rl_lr=1e-2, micro_batch=8, ppo_epochs=1, aux_coef=0.0)
     optimizer = model.configure_optimizer(cfg.rl_lr, 0.0)
     batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
-    first = policy_update(model, model, ref, optimizer, batch, cfg, 1, "in the test")
+    first = policy_update(model, ref, optimizer, batch, cfg, 1, "in the test")
     assert first["kl"] == 0.0
-    second = policy_update(model, model, ref, optimizer, batch, cfg, 1, "in the test")
+    second = policy_update(model, ref, optimizer, batch, cfg, 1, "in the test")
     assert 0 < second["kl"] < float("inf")
 
 
@@ -178,7 +180,7 @@ def test_gradient_accumulation_equals_full_batch():
         optimizer.step = lambda: None  # keep the gradient to compare
         optimizer.zero_grad = lambda set_to_none=True: None
         batch = dict(rows=rows, masks=masks, adv=adv, aux=aux, aux_masks=aux_masks)
-        policy_update(model, model, ref, optimizer, batch, cfg, 1, "in the test")
+        policy_update(model, ref, optimizer, batch, cfg, 1, "in the test")
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-7) and torch.allclose(grads[0], grads[2], atol=1e-7)
 
@@ -311,15 +313,30 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_agree(data_dir):
+# run under torchrun: train, then each rank writes a digest of its final weights
+DDP_SCRIPT = """
+import hashlib, os, sys
+sys.path.insert(0, {root!r})
+import distill_rl
+model = distill_rl.main(sys.argv[1:])
+digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+open(os.path.join({out!r}, "digest_" + os.environ["RANK"]), "w").write(digest)
+"""
+
+
+def test_ddp_two_processes_agree(data_dir, tmp_path):
+    """Each rank draws its own batches; DDP's gradient averaging must leave both with bitwise the
+    same weights (without it they would drift apart)."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(root=ROOT, out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                          os.path.join(ROOT, "distill_rl.py"), f"--out_dir={data_dir}", "--stage=sft", "--data=ei",
-                          "--batch_size=8", "--max_iters=2", "--name=ddp", "--eval_interval=100", *NANO],
+                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
+                          f"--out_dir={data_dir}", "--stage=sft", "--data=ei", "--batch_size=8", "--max_iters=2",
+                          "--name=ddp", "--eval_interval=100", *NANO],
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "DDP: 2 ranks agree on the final weights" in out.stdout
+    assert (tmp_path / "digest_0").read_text() == (tmp_path / "digest_1").read_text()
 
 
 def test_short_sft_then_exgrpo_raises_reward(tmp_path):
@@ -344,8 +361,6 @@ def test_rollout_masks_and_scenario_b_flags():
     """grad_probe_answers=False trains only the final answer; partial_gradient=True adds the
     Scenario B rows with their own advantages. Masks never cover prompt tokens."""
     import random
-    from tokenizer import CompactTokenizer
-    from tasks import prompt_ids
     texts = ["Q: Is the coin heads up? Which side is up first?\nA:", " The answer is yes. no heads tails."]
     tok = CompactTokenizer.from_texts(texts)
     torch.manual_seed(0)
