@@ -1,7 +1,5 @@
 """model.py and gpt2_files.py: GPT-2 parity with Hugging Face, KV-cache sampling, log-probs,
 safetensors and checkpoint I/O. Tiny random models, CPU, offline."""
-import dataclasses
-import hashlib
 import json
 import os
 import random
