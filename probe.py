@@ -24,16 +24,14 @@ event there: the actor's name in coin ("Tom flips the coin."), the first trader'
 the whole event sentence in arith and date (whose event sentences all open alike); last/prompt
 rows take the type of the last event.
 
-The causal test (coin and swap, event positions, target=state). Does the student *use* the state
-it encodes? At hidden layer l and the last event's token of a test problem, add
-alpha * (mu_other - mu_state) to the residual stream, mu the train rows' class means at that
-layer: alpha = 1 moves the average row of its state onto the average row of the other state
-(coin: the other side; swap: another of the problem's options, seeded). The student then answers
-greedily in the single-turn format, and the flip rate is the share of problems whose final answer
-is the one the other state implies. Baselines: alpha = 0 (no edit: the rate at which the student
-already says so) and an edit of the same norm along a random direction. The edit is a forward
-hook on the block, applied once, to generate()'s prefill of the left-padded prompts; later tokens
-read the edited position through the KV cache.
+The causal test (coin and swap, event positions, target=state): does the student *use* the
+state it encodes? At hidden layer l and the last event's token of a test problem we add
+alpha * (mu_other - mu_state) to the residual stream, mu the class means of the train rows at
+that layer (alpha = 1 moves the average row of its state onto the other's; coin: the other side,
+swap: another of the problem's options, seeded), let the student answer greedily (single turn)
+and count the problems whose final answer is the one the other state implies. Baselines: alpha = 0
+(no edit) and an edit of the same norm along a random direction. The edit is a forward hook on the
+block, applied to generate()'s prefill; generated tokens see it through the KV cache.
 
     python probe.py --checkpoints=vanilla=out/default/ckpt/sft_qa.pt,exgrpo=out/default/ckpt/rl_exgrpo.pt \
         --world=coin --target=state --positions=event --seed=1  # -> out/default/probe/probe_coin_state_event*
@@ -83,8 +81,8 @@ class Config:
     intervene: bool = True          # the causal test, where it applies (coin and swap, positions=event, target=state)
     intervene_layers: str = ""      # hidden layers to edit, comma-separated; "" = 1..n_layer-1 (after the last
                                     # block an edit at a prompt token reaches no later token)
-    alphas: str = "0,0.5,1,2,4"     # edit sizes in units of the class-mean gap at that layer
-    intervene_problems: int = 80    # test problems edited (each answered once per layer, alpha and direction)
+    alphas: str = "0,1,2,4,8"       # edit sizes in units of the class-mean gap at that layer
+    intervene_problems: int = 60    # test problems edited (each answered once per layer, alpha and direction)
     max_new_tokens: int = 64
     device: str = "auto"
     threads: int = 0                # 0 = torch's default
@@ -515,10 +513,8 @@ def main(argv):
     for label, r in result["checkpoints"].items():
         for name, key in (("linear probe", "lr_acc"), ("shuffled", "control_acc"), ("selectivity", "selectivity")):
             print(f"{label if key == 'lr_acc' else '':>10}  {name:<12} " + " ".join(f"{a:.2f}" for a in r[key]))
-        for layer, toward, rand in zip(result.get("intervention", {}).get("layers", []),
-                                       *(r.get("intervention", {}).get(k, []) for k in ("toward", "random"))):
-            print(f"{'':>10}  layer {layer} flips " + " ".join(f"{a:.2f}" for a in toward)
-                  + "  random " + " ".join(f"{a:.2f}" for a in rand))
+        for kind, rates in r.get("intervention", {}).items():  # per edited layer, one rate per alpha
+            print(f"{'':>10}  flips {kind:<6} " + " | ".join(" ".join(f"{a:.2f}" for a in layer) for layer in rates))
 
 
 if __name__ == "__main__":
