@@ -277,8 +277,9 @@ def efficiency_section(entries, report_dir):
 
 
 def linear_probe_section(runs, report_dir):
-    """probe.py's results found in the run folders: test accuracy per layer of each checkpoint's
-    linear probe, its shuffled-label control in brackets, mean over the run folders."""
+    """probe.py's results found in the run folders, mean over the folders: test accuracy per layer of
+    each checkpoint's linear probe (shuffled-label control in brackets), its selectivity against the
+    control task, and the causal test's flip rates."""
     found = {}
     for run in runs:
         for path in sorted(glob.glob(os.path.join(run, "probe", "probe_*.json"))):
@@ -287,21 +288,51 @@ def linear_probe_section(runs, report_dir):
         return []
     out = ["## Linear probes on hidden states", "",
            "Test accuracy of a logistic-regression probe per layer (0 = embeddings), the shuffled-label "
-           "control in brackets, mean over run folders (probe.py).", ""]
+           "control in brackets; selectivity = probe accuracy - accuracy on the control task (each token "
+           "type, e.g. the event's actor, gets a fixed random label), control-task accuracy in brackets: "
+           "near 0 means the probe could score as well by memorising which token it sits on. Flip rate: "
+           "share of test problems whose greedy answer becomes the one the other state implies after "
+           "adding alpha class-mean gaps toward it at the last event's token (random: the same norm along "
+           "a random direction; alpha = 0: no edit). Means over run folders (probe.py).", ""]
     for name, paths in found.items():
         results = [json.load(open(p)) for p in paths]
         first = results[0]
+        mean = lambda label, key, *at: statistics.mean(_at(r["checkpoints"][label][key], at) for r in results)
         n_layers = len(next(iter(first["checkpoints"].values()))["lr_acc"])
-        rows = []
-        for label in first["checkpoints"]:
-            mean = lambda key, l: statistics.mean(r["checkpoints"][label][key][l] for r in results)
-            rows.append([label] + [f"{mean('lr_acc', l):.2f} ({mean('control_acc', l):.2f})" for l in range(n_layers)])
+        layers = [f"layer {l}" for l in range(n_layers)]
         majority = statistics.mean(r["majority_acc"] for r in results)
         out += [f"**{first['world']}**, target {first['target']} at {first['positions']} positions "
                 f"({first['latent']}; majority baseline {majority:.2f}, n = {len(results)})", ""]
-        out += [md_table(["checkpoint"] + [f"layer {l}" for l in range(n_layers)], rows)]
+        out += [md_table(["checkpoint"] + layers, [[label] + [f"{mean(label, 'lr_acc', l):.2f} "
+                                                            f"({mean(label, 'control_acc', l):.2f})" for l in range(n_layers)]
+                                                   for label in first["checkpoints"]])]
+        if all("selectivity" in c for r in results for c in r["checkpoints"].values()):
+            out += ["", "Selectivity (control-task accuracy):", "",
+                    md_table(["checkpoint"] + layers, [[label] + [f"{mean(label, 'selectivity', l):+.2f} "
+                                                                  f"({mean(label, 'control_task_acc', l):.2f})"
+                                                                  for l in range(n_layers)]
+                                                       for label in first["checkpoints"]])]
         out += ["", f"![{name}]({os.path.relpath(paths[0][:-5] + '.png', report_dir)})", ""]
+        if all("intervention" in r for r in results):
+            out += intervention_table(first, mean) + [
+                f"![{name} flip rates]({os.path.relpath(paths[0][:-5] + '_intervention.png', report_dir)})", ""]
     return out
+
+
+def _at(value, index):
+    """value[i][j]... for index (i, j, ...)."""
+    for i in index:
+        value = value[i]
+    return value
+
+
+def intervention_table(first, mean):
+    plan = first["intervention"]
+    rows = [[label, str(layer)] + [f"{mean(label, 'intervention', 'toward', j, a):.2f} / "
+                                   f"{mean(label, 'intervention', 'random', j, a):.2f}" for a in range(len(plan["alphas"]))]
+            for label in first["checkpoints"] for j, layer in enumerate(plan["layers"])]
+    return [f"Flip rate toward the other state / along a random direction ({plan['problems']} test problems):", "",
+            md_table(["checkpoint", "layer"] + [f"alpha {a:g}" for a in plan["alphas"]], rows), ""]
 
 
 def write_report(cfg, runs, splits, entries, report_dir):

@@ -13,11 +13,28 @@ the side up, date the month, swap what the asked-about person holds): target=sta
 after event i at event rows, the final state at last/prompt rows; target=answer is the answer.
 Per layer we fit a softmax logistic-regression probe (full batch, AdamW, fixed iterations) and the
 mean-difference estimator (closed form), split by problem, and report test accuracy beside the
-majority baseline and a shuffled-label control trained the same way (Hewitt & Liang 2019: a probe
-that fits shuffled labels as well as real ones measures the probe, not the model).
+majority baseline and a shuffled-label control trained the same way (a probe that fits shuffled
+labels as well as real ones measures the probe, not the model).
+
+Selectivity (Hewitt & Liang 2019). A probe may score by memorising which token it sits on. The
+control task gives every token *type* a fixed random label, with the real target's classes and
+class balance, and trains the same probe on it: selectivity = task accuracy - control accuracy.
+The probed token is always the sentence's "." or the "?", so the type is the word that names the
+event there: the actor's name in coin ("Tom flips the coin."), the first trader's name in swap,
+the whole event sentence in arith and date (whose event sentences all open alike); last/prompt
+rows take the type of the last event.
+
+The causal test (coin and swap, event positions, target=state): does the student *use* the
+state it encodes? At hidden layer l and the last event's token of a test problem we add
+alpha * (mu_other - mu_state) to the residual stream, mu the class means of the train rows at
+that layer (alpha = 1 moves the average row of its state onto the other's; coin: the other side,
+swap: another of the problem's options, seeded), let the student answer greedily (single turn)
+and count the problems whose final answer is the one the other state implies. Baselines: alpha = 0
+(no edit) and an edit of the same norm along a random direction. The edit is a forward hook on the
+block, applied to generate()'s prefill; generated tokens see it through the KV cache.
 
     python probe.py --checkpoints=vanilla=out/default/ckpt/sft_qa.pt,exgrpo=out/default/ckpt/rl_exgrpo.pt \
-        --world=coin --target=state --positions=event      # -> out/default/probe/probe_coin_state_event.*
+        --world=coin --target=state --positions=event --seed=1  # -> out/default/probe/probe_coin_state_event*
 
 Names: a *linear probe* is a classifier on hidden states; an *EI probe* is a question made by
 Explanatory Inversion (invert.py). This file only has the first kind.
@@ -25,16 +42,24 @@ Explanatory Inversion (invert.py). This file only has the first kind.
 import bisect
 import json
 import os
+import random
+import re
 import sys
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
+import matplotlib
+matplotlib.use("Agg")  # files only: no display on a server or in CI
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import parse_config, pick_device, set_threads
 from model import GPT, load_model, pad_rows
-from tasks import load_records, prompt_ids
+from tasks import is_correct, load_records, prompt_ids
+from tokenizer import decode_generated
 
 
 @dataclass
@@ -49,17 +74,24 @@ class Config:
     out_dir: str = "out/default/probe"
     max_problems: int = 1000        # 0 = all problems of the world in the split
     train_frac: float = 0.7         # fraction of problems (not rows) whose rows train the probe
-    seed: int = 1337
+    seed: int = 1337                # the split, controls, untrained reference ('init:') and edits: pass the run's seed
     batch_size: int = 32
     iters: int = 500                # full-batch AdamW steps per probe (fixed: no early stopping on test)
     controls: int = 5               # shuffled-label controls per layer, averaged (one shuffle is noisy)
     lr: float = 0.01
     weight_decay: float = 0.1
+    intervene: bool = True          # the causal test, where it applies (coin and swap, positions=event, target=state)
+    intervene_layers: str = ""      # hidden layers to edit, comma-separated; "" = 1..n_layer-1 (after the last
+                                    # block an edit at a prompt token reaches no later token)
+    alphas: str = "0,1,2,4,8"       # edit sizes in units of the class-mean gap at that layer
+    intervene_problems: int = 60    # test problems edited (each answered once per layer, alpha and direction)
+    max_new_tokens: int = 64
     device: str = "auto"
     threads: int = 0                # 0 = torch's default
 
 
 POSITIONS, TARGETS = ("event", "last", "prompt"), ("state", "answer")
+INTERVENE_WORLDS = ("coin", "swap")  # where a latent state implies one answer (arith's last digit and date's month do not)
 
 # ---------------------------------------------------------------------------------------------
 # which token, which label
@@ -100,6 +132,31 @@ def probe_rows(tok, record, positions, target):
         cuts, rows = [], [(len(ids) - 1, final)]
     merged = sum(char_ends[at(c)] != q0 + c for c in cuts)
     return ids, rows, merged
+
+
+def control_types(record, positions):
+    """The token type of each row of probe_rows, on which the control label hangs (see the top)."""
+    q, ends = record["question"], record["latent"]["event_ends"]
+    types = []
+    for end in ends:
+        start = q.rfind(". ", 0, end - 1)  # where the sentence before ends; -1: the event opens the question
+        sentence = q[start + 2 if start >= 0 else 0:end]
+        types.append(sentence.split()[0] if record["world"] in ("coin", "swap") else sentence)
+    return types if positions == "event" else types[-1:]
+
+
+def control_labels(types, labels, seed):
+    """Hewitt & Liang's control task: a fixed random class per token type, the classes shared out so
+    that their row counts follow the real labels'. Types are visited in a seeded random order and
+    each joins the class furthest below its real row count."""
+    want, rows_of = Counter(labels), Counter(types)
+    order = sorted(rows_of)
+    random.Random(seed).shuffle(order)
+    got, label_of = Counter(), {}
+    for t in order:
+        label_of[t] = max(sorted(want), key=lambda c: want[c] - got[c])
+        got[label_of[t]] += rows_of[t]
+    return [label_of[t] for t in types]
 
 
 @torch.no_grad()
@@ -155,11 +212,13 @@ def fit_mean_difference(x, y, n_classes):
     return lambda z: torch.cdist(z, means).argmin(-1)
 
 
-def probe_layer(x_train, y_train, x_test, y_test, n_classes, cfg, seed):
-    """Test accuracies of one layer. y_test is -1 for a class never seen in train: always wrong."""
+def probe_layer(x_train, y_train, x_test, y_test, n_classes, cfg, seed, control):
+    """Test accuracies of one layer. y_test is -1 for a class never seen in train: always wrong.
+    control = (train, test) labels of the control task, probed the same way."""
     x_train, x_test = standardise(x_train, x_test)
     acc = lambda predict, x, y: (predict(x) == y).float().mean().item()
     linear = fit_linear_probe(x_train, y_train, n_classes, cfg.iters, cfg.lr, cfg.weight_decay)
+    control_task = fit_linear_probe(x_train, control[0], n_classes, cfg.iters, cfg.lr, cfg.weight_decay)
     mean_diff = fit_mean_difference(x_train, y_train, n_classes)
     # control: the same probe on train labels shuffled across rows, scored on the true test labels.
     # Averaged over shuffles: where features take few distinct values (layer 0 is token + position)
@@ -167,12 +226,14 @@ def probe_layer(x_train, y_train, x_test, y_test, n_classes, cfg, seed):
     g, controls = torch.Generator().manual_seed(seed), []
     for _ in range(cfg.controls):
         shuffled = y_train[torch.randperm(len(y_train), generator=g)]
-        control = fit_linear_probe(x_train, shuffled, n_classes, cfg.iters, cfg.lr, cfg.weight_decay)
-        controls.append(acc(control, x_test, y_test))
-    controls = torch.tensor(controls)
-    return {"lr_acc": acc(linear, x_test, y_test), "lr_train_acc": acc(linear, x_train, y_train),
+        fit = fit_linear_probe(x_train, shuffled, n_classes, cfg.iters, cfg.lr, cfg.weight_decay)
+        controls.append(acc(fit, x_test, y_test))
+    controls, task = torch.tensor(controls), acc(linear, x_test, y_test)
+    control_task_acc = acc(control_task, x_test, control[1])
+    return {"lr_acc": task, "lr_train_acc": acc(linear, x_train, y_train),
             "mm_acc": acc(mean_diff, x_test, y_test), "control_acc": controls.mean().item(),
-            "control_std": controls.std(correction=0).item()}
+            "control_std": controls.std(correction=0).item(), "control_task_acc": control_task_acc,
+            "selectivity": task - control_task_acc}
 
 
 def split_by_problem(problem_of_row, train_frac, seed):
@@ -188,6 +249,107 @@ def encode_labels(labels, train_mask):
     classes = sorted({l for l, m in zip(labels, train_mask.tolist()) if m})
     index = {c: i for i, c in enumerate(classes)}
     return torch.tensor([index.get(l, -1) for l in labels]), classes
+
+# ---------------------------------------------------------------------------------------------
+# the causal test: push the residual stream toward the other state, see whether the answer follows
+
+
+def implied_answer(record, state):
+    """The answer the problem would have if its final latent state were `state`."""
+    if record["world"] == "coin":
+        return "yes" if state == "heads" else "no"
+    return {o: letter for letter, o in re.findall(r"\(([A-Z])\) (\w+)", record["question"])}[state]
+
+
+def other_state(record, state, classes, rng):
+    """The state the edit pushes toward: coin the other side, swap another option of the problem
+    (one the probe's train rows have seen, so that it has a class mean)."""
+    options = ["heads", "tails"] if record["world"] == "coin" else re.findall(r"\([A-Z]\) (\w+)", record["question"])
+    return rng.choice(sorted(o for o in options if o != state and o in classes))
+
+
+def intervention_cases(records, seqs, rows, y, classes, train, limit, seed):
+    """The last event row of each of the first `limit` test problems: prompt, token index, the
+    class index of its state and of the state the edit aims at, and the answer that one implies."""
+    last = {}
+    for i, (s, _) in enumerate(rows):
+        if not train[i] and y[i] >= 0:
+            last[s] = i
+    rng, cases = random.Random(seed), []
+    for i in sorted(last.values())[:limit]:
+        s, t = rows[i]
+        target = other_state(records[s], classes[y[i]], classes, rng)
+        cases.append({"record": records[s], "prompt": seqs[s], "token": t, "state": int(y[i]),
+                      "target": classes.index(target), "implied": implied_answer(records[s], target)})
+    return cases
+
+
+@contextmanager
+def residual_edit(model, layer, positions, delta):
+    """Add delta[b] (B, C) to hidden layer `layer` (0 = embeddings, l = after block l) of row b at
+    token positions[b], in the model's first forward call only: generate()'s prefill of the
+    prompts, left-padded to the longest. The keys and values that later layers compute there go
+    into the KV cache, so every generated token sees the edit."""
+    module = model.transformer.drop if layer == 0 else model.transformer.h[layer - 1]
+    calls = 0
+
+    def hook(_, args, out):  # (B, T, C) -> the same, edited
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return None
+        if out.size(1) <= int(positions.max()):
+            raise RuntimeError("generate() no longer prefills the left-padded prompts in one call; "
+                               "residual_edit must learn where the prompt tokens are")
+        out = out.clone()
+        rows = torch.arange(out.size(0), device=out.device)
+        out[rows, positions.to(out.device)] += delta.to(out.device, out.dtype)
+        return out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def answers_under_edit(model, tok, cases, max_new_tokens, layer=None, delta=None):
+    """Greedy single-turn answers, with the edit at each case's token (in padded coordinates) unless
+    delta is None."""
+    prompts = [c["prompt"] for c in cases]
+    longest = max(map(len, prompts))
+    positions = torch.tensor([longest - len(p) + c["token"] for p, c in zip(prompts, cases)])  # generate left-pads
+    with nullcontext() if delta is None else residual_edit(model, layer, positions, delta):
+        tokens, mask = model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot)
+    return decode_generated(tok, tokens, mask)
+
+
+def count_flips(cases, texts):
+    """(share whose final answer is the one the target state implies, share with any final answer)"""
+    flips = [is_correct(c["record"]["world"], t, c["implied"], c["record"]["question"]) for c, t in zip(cases, texts)]
+    answered = ["The answer is" in t for t in texts]
+    return sum(flips) / len(cases), sum(answered) / len(cases)
+
+
+def intervene(model, tok, cases, x_train, y_train, layers, alphas, seed, max_new_tokens):
+    """Flip rates per layer and alpha, toward the other state and along random directions of the
+    same norm (one per case). x_train[l] (N, C): the probe's train rows at hidden layer l."""
+    plain = count_flips(cases, answers_under_edit(model, tok, cases, max_new_tokens))  # alpha = 0: no hook at all
+    g = torch.Generator().manual_seed(seed)
+    state, target = torch.tensor([c["state"] for c in cases]), torch.tensor([c["target"] for c in cases])
+    out = {"toward": [], "random": [], "answered": []}
+    for layer in tqdm(layers, desc="interventions", leave=False):
+        means = torch.stack([x_train[layer][y_train == k].mean(0) for k in range(int(y_train.max()) + 1)])
+        toward = means[target] - means[state]  # (B, C): alpha = 1 moves the state's mean onto the target's
+        rand = torch.randn(toward.shape, generator=g)
+        rand *= toward.norm(dim=1, keepdim=True) / rand.norm(dim=1, keepdim=True)
+        for name, direction in (("toward", toward), ("random", rand)):
+            rates = [count_flips(cases, answers_under_edit(model, tok, cases, max_new_tokens, layer, a * direction))
+                     if a else plain for a in alphas]
+            out[name].append([f for f, _ in rates])
+            if name == "toward":
+                out["answered"].append([a for _, a in rates])
+    return out
 
 # ---------------------------------------------------------------------------------------------
 # the pipeline
@@ -215,8 +377,8 @@ def select_records(cfg):
 
 
 def tokenised_rows(tok, records, cfg, ckpt, path):
-    """Prompts, (prompt index, token index) rows, their labels and problem ids, merged positions."""
-    seqs, rows, labels, problems, merged = [], [], [], [], 0
+    """Prompts, (prompt index, token index) rows, their labels, control types and problem ids, merged positions."""
+    seqs, rows, labels, types, problems, merged = [], [], [], [], [], 0
     for r in records:
         try:
             ids, pos, m = probe_rows(tok, r, cfg.positions, cfg.target)
@@ -225,10 +387,44 @@ def tokenised_rows(tok, records, cfg, ckpt, path):
                              f"probe a checkpoint with data from its own run") from None
         rows += [(len(seqs), t) for t, _ in pos]
         labels += [y for _, y in pos]
+        types += control_types(r, cfg.positions)
         problems += [r["id"]] * len(pos)
         seqs.append(ids)
         merged += m
-    return seqs, rows, labels, problems, merged
+    return seqs, rows, labels, types, problems, merged
+
+
+def untrained(config, seed, device):
+    """The checkpoint's architecture at fresh weights drawn from the run's seed: what a probe reads
+    from token identity and position through random features alone (measured: coin's state at
+    event positions 0.72, majority 0.47). One network per seed, as each seed trains its own students."""
+    torch.manual_seed(seed)
+    return GPT(config).to(device)
+
+
+def split_and_labels(result, labels, types, problems, cfg):
+    """Train mask, task labels and control-task labels (class indices); fills the result's header."""
+    train = split_by_problem(problems, cfg.train_frac, cfg.seed)
+    if train.all() or not train.any():
+        raise SystemExit(f"{len(set(problems))} problems cannot be split into train and test: probe more")
+    y, classes = encode_labels(labels, train)
+    y_control, _ = encode_labels(control_labels(types, labels, cfg.seed), train)
+    majority = torch.bincount(y[train], minlength=len(classes)).argmax()
+    result.update(classes=classes, rows=len(labels), train_rows=int(train.sum()), test_rows=int((~train).sum()),
+                  train_problems=len({p for p, m in zip(problems, train) if m}),
+                  test_problems=len({p for p, m in zip(problems, train) if not m}),
+                  control_types=len(set(types)), majority_acc=(y[~train] == majority).float().mean().item())
+    return train, y, y_control, classes
+
+
+def edit_plan(cfg, n_layer):
+    """(layers, alphas) of the causal test, or None where it does not apply."""
+    if not (cfg.intervene and cfg.world in INTERVENE_WORLDS and cfg.positions == "event" and cfg.target == "state"):
+        return None
+    layers = [int(l) for l in cfg.intervene_layers.split(",") if l] or list(range(1, n_layer))
+    if not all(0 <= l <= n_layer for l in layers):
+        raise SystemExit(f"intervene_layers must lie in 0..{n_layer} (0 = embeddings), got {cfg.intervene_layers}")
+    return layers, [float(a) for a in cfg.alphas.split(",")]
 
 
 def run_probes(cfg, checkpoints, path, records):
@@ -237,52 +433,71 @@ def run_probes(cfg, checkpoints, path, records):
         raise SystemExit(f"positions must be one of {POSITIONS} and target one of {TARGETS}")
     device = pick_device(cfg.device)
     result = {"world": cfg.world, "target": cfg.target, "positions": cfg.positions, "data": path,
-              "config": asdict(cfg), "checkpoints": {}}
+              "latent": records[0]["latent"]["name"], "config": asdict(cfg), "checkpoints": {}}
     for label, ckpt in checkpoints:
         model, tok, _ = load_model(ckpt.removeprefix("init:"), device)
         if ckpt.startswith("init:"):
-            # the untrained network: what a probe reads from token identity and position through
-            # random features alone (measured: coin's state at event positions 0.72, majority 0.47)
-            torch.manual_seed(cfg.seed)
-            model = GPT(model.config).to(device)
-        seqs, rows, labels, problems, merged = tokenised_rows(tok, records, cfg, ckpt, path)
+            model = untrained(model.config, cfg.seed, device)
+        seqs, rows, labels, types, problems, merged = tokenised_rows(tok, records, cfg, ckpt, path)
         if "classes" not in result:  # labels and problems depend on the records only: one split for all
-            train = split_by_problem(problems, cfg.train_frac, cfg.seed)
-            if train.all() or not train.any():
-                raise SystemExit(f"{len(set(problems))} problems cannot be split into train and test: probe more")
-            y, classes = encode_labels(labels, train)
-            y_train, y_test = y[train], y[~train]
-            majority = torch.bincount(y_train, minlength=len(classes)).argmax()
-            result.update(latent=records[0]["latent"]["name"], classes=classes, rows=len(labels),
-                          train_rows=int(train.sum()), test_rows=int((~train).sum()),
-                          train_problems=len({p for p, m in zip(problems, train) if m}),
-                          test_problems=len({p for p, m in zip(problems, train) if not m}),
-                          majority_acc=(y_test == majority).float().mean().item())
+            train, y, y_control, classes = split_and_labels(result, labels, types, problems, cfg)
         feats = collect_hidden(model, seqs, rows, cfg.batch_size, device)
-        layers = [probe_layer(f[train], y_train, f[~train], y_test, len(classes), cfg, cfg.seed + l)
+        layers = [probe_layer(f[train], y[train], f[~train], y[~train], len(classes), cfg, cfg.seed + l,
+                              control=(y_control[train], y_control[~train]))
                   for l, f in enumerate(tqdm(feats, desc=f"probes {label}", leave=False))]
-        result["checkpoints"][label] = {"path": ckpt, "merged_positions": merged,
-                                        **{k: [d[k] for d in layers] for k in layers[0]}}
+        entry = result["checkpoints"][label] = {"path": ckpt, "merged_positions": merged,
+                                                **{k: [d[k] for d in layers] for k in layers[0]}}
+        plan = edit_plan(cfg, model.config.n_layer)
+        if plan:
+            cases = intervention_cases(records, seqs, rows, y, classes, train, cfg.intervene_problems, cfg.seed)
+            entry["intervention"] = intervene(model.eval(), tok, cases, feats[:, train], y[train], *plan, cfg.seed,
+                                              cfg.max_new_tokens)
+            result["intervention"] = {"layers": plan[0], "alphas": plan[1], "problems": len(cases),
+                                      "position": "the last event's token of each test problem"}
     return result
 
 
-def plot(result, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def plot(result, stem):
+    """stem.png: accuracy per layer beside its controls, and selectivity; stem_intervention.png:
+    flip rate against alpha, one panel per checkpoint."""
+    fig, (ax, sel) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (label, r) in enumerate(result["checkpoints"].items()):
         color, x = f"C{i}", range(len(r["lr_acc"]))
         ax.plot(x, r["lr_acc"], "-o", color=color, label=f"{label}: linear probe")
-        ax.plot(x, r["control_acc"], "--", color=color, label=f"{label}: shuffled-label control")
+        ax.plot(x, r["control_task_acc"], "--", color=color, label=f"{label}: control task")
+        ax.plot(x, r["control_acc"], ":", color=color, label=f"{label}: shuffled labels")
+        sel.plot(x, r["selectivity"], "-o", color=color, label=label)
     ax.axhline(result["majority_acc"], color="grey", linestyle=":", label="majority baseline")
     ax.set(xlabel="layer (0 = embeddings)", ylabel="test accuracy", ylim=(0, 1.02),
            title=f"{result['world']}: {result['target']} at {result['positions']} positions")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
+    sel.axhline(0, color="grey", linewidth=0.8)
+    sel.set(xlabel="layer (0 = embeddings)", ylabel="probe - control task accuracy", title="selectivity")
+    for a in (ax, sel):
+        a.xaxis.get_major_locator().set_params(integer=True)
+        a.legend(fontsize=7)
+    save(fig, stem + ".png")
+    if "intervention" in result:
+        plot_intervention(result, stem + "_intervention.png")
+
+
+def plot_intervention(result, path):
+    plan, ckpts = result["intervention"], result["checkpoints"]
+    fig, axes = plt.subplots(1, len(ckpts), figsize=(3.4 * len(ckpts), 3.4), sharey=True, squeeze=False)
+    for ax, (label, r) in zip(axes[0], ckpts.items()):
+        for j, layer in enumerate(plan["layers"]):
+            ax.plot(plan["alphas"], r["intervention"]["toward"][j], "-o", color=f"C{j}", label=f"layer {layer}")
+            ax.plot(plan["alphas"], r["intervention"]["random"][j], "--", color=f"C{j}", label=f"layer {layer}, random")
+        ax.set(title=label, xlabel="alpha (class-mean gaps)", ylim=(-0.02, 1.02))
+    axes[0][0].set_ylabel("flip rate (answer of the other state)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{result['world']}: edit toward the other state at the last event ({plan['problems']} problems)")
+    save(fig, path)
+
+
+def save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
 
 
 def main(argv):
@@ -294,12 +509,14 @@ def main(argv):
     stem = os.path.join(cfg.out_dir, f"probe_{cfg.world}_{cfg.target}_{cfg.positions}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, stem + ".png")
+    plot(result, stem)
     print(f"majority baseline {result['majority_acc']:.3f} ({result['test_rows']} test rows, "
-          f"{result['test_problems']} problems); wrote {stem}.json and .png")
+          f"{result['test_problems']} problems); wrote {stem}*.json and .png")
     for label, r in result["checkpoints"].items():
-        print(f"{label:>10}  linear probe " + " ".join(f"{a:.2f}" for a in r["lr_acc"]))
-        print(f"{'':>10}  control      " + " ".join(f"{a:.2f}" for a in r["control_acc"]))
+        for name, key in (("linear probe", "lr_acc"), ("shuffled", "control_acc"), ("selectivity", "selectivity")):
+            print(f"{label if key == 'lr_acc' else '':>10}  {name:<12} " + " ".join(f"{a:.2f}" for a in r[key]))
+        for kind, rates in r.get("intervention", {}).items():  # per edited layer, one rate per alpha
+            print(f"{'':>10}  flips {kind:<6} " + " | ".join(" ".join(f"{a:.2f}" for a in layer) for layer in rates))
 
 
 if __name__ == "__main__":
