@@ -31,10 +31,7 @@ checkpoint, frozen. The loss starts near 0 by construction: watch the reward.
     torchrun --nproc_per_node=2 distill_rl.py ...   (DDP: gloo on CPU, nccl on GPU)
 """
 import copy
-import glob
-import itertools
 import math
-import os
 import random
 import sys
 import time
@@ -48,10 +45,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from configurator import parse_config, pick_device, set_threads
-from model import GPT, GPTConfig, KVCache, load_model, pad_rows, sequence_logprobs
-from tasks import greedy_answers, is_correct, load_records, prompt_ids, read_split, response_ids
-from tokenizer import CompactTokenizer
-from training import Run, all_reduce_sum, optimizer_step, setup_ddp
+from model import KVCache, pad_rows, sequence_logprobs
+from tasks import accuracy, greedy_answers, is_correct, prompt_ids, response_ids
+from training import Run, all_reduce_sum, check_config, init_student, load_data, optimizer_step, setup_ddp
 
 
 @dataclass
@@ -350,7 +346,7 @@ def evaluate_sft(model, tok, val, cfg, device):
     examples = [[question] for question, _ in sft_examples(tok, val)]
     nll = sum(summed_nll(model, *sft_batch(examples[i:i + cfg.batch_size], device)).item()
               for i in range(0, len(examples), cfg.batch_size))
-    result = {"val_loss": nll / sum(len(r) for [(_, r)] in examples), "val_acc": accuracy(model, tok, val, cfg)}
+    result = {"val_loss": nll / sum(len(r) for [(_, r)] in examples), "val_acc": accuracy(model, tok, val, cfg.max_new_tokens)}
     model.train()
     return result
 
@@ -490,7 +486,7 @@ def train_rl(cfg, model, tok, device, rank, world_size):
                       time_step=time.time() - t0)
         record["tokens_per_s"] = record.pop("gen_tokens") / record["time_step"]
         if val and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.rl_steps):
-            record["val_acc"] = accuracy(raw_model, tok, val, cfg)
+            record["val_acc"] = accuracy(raw_model, tok, val, cfg.max_new_tokens)
         run.log(record)
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc_full']:.2f}", kl=f"{record['kl']:.4f}")
         if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
@@ -514,43 +510,7 @@ def rl_record(batch, stats, cfg, device):
             "loss": stats["loss"], "grad_norm": stats["grad_norm"], "frac_zero_std": zero_std / n_q,
             "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens}
 
-# --- plumbing: data, the student, the optimizer, logs and checkpoints, main ------------------
-
-
-def load_data(cfg):
-    """(train, val): the train split (a seeded data_fraction of it, in file order) and the first
-    eval_problems val records round-robin over the worlds (the file is in world order)."""
-    data_dir, worlds = os.path.join(cfg.out_dir, "data"), cfg.worlds.split(",")
-    train = read_split(data_dir, "train", worlds)
-    order = random.Random(cfg.seed).sample(range(len(train)), len(train))
-    train = [train[i] for i in sorted(order[:max(1, round(cfg.data_fraction * len(train)))])]
-    by_world = {}
-    for r in read_split(data_dir, "val", worlds, required=False):  # a user's data may bring only train
-        by_world.setdefault(r["world"], []).append(r)
-    val = [r for group in itertools.zip_longest(*by_world.values()) for r in group if r is not None]
-    return train, val[:cfg.eval_problems]
-
-
-def accuracy(model, tok, records, cfg):
-    answers = greedy_answers(model, tok, [r["question"] for r in records], cfg.max_new_tokens)
-    right = sum(is_correct(r["world"], a, r["answer"], r["question"]) for r, a in zip(records, answers))
-    return right / max(1, len(records))
-
-
-def init_student(cfg, device):
-    """(model, tokenizer) for --init: one of our checkpoints, GPT-2 weights, or scratch: then the
-    compact vocabulary of every text in the run's data (all splits, so test questions encode)."""
-    if cfg.init != "scratch":
-        return load_model(cfg.init, device)[:2]
-    texts = []
-    for path in sorted(glob.glob(os.path.join(cfg.out_dir, "data", "*.jsonl"))):
-        for r in load_records(path):
-            for q, resp in [(r["question"], r["rationale"])] + [(p["question"], p["rationale"]) for p in r["probes"]]:
-                texts += ["Q: " + q + "\nA:", " " + resp]
-    tok = CompactTokenizer.from_texts(texts)
-    torch.manual_seed(cfg.seed)
-    return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=tok.n_vocab,
-                         block_size=cfg.block_size)).to(device), tok
+# --- plumbing: the learning-rate schedule and main (data, the student, logs: training.py) ----
 
 
 def get_lr(step, cfg, peak, total, warmup):
@@ -563,27 +523,6 @@ def get_lr(step, cfg, peak, total, warmup):
     # 3) SFT: cosine decay from peak down to peak * min_lr_ratio at the last step
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def check_config(cfg, world_size):
-    choices = dict(stage=("sft", "rl"), data=("qa", "ei"), ei_format=("dialogue", "single"),
-                   algo=("reinforce", "grpo", "exgrpo"), probe_answers=("student", "teacher"),
-                   loss_agg=("seq", "token"), scale_rewards=("group", "none"))
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise SystemExit(f"--{key}={getattr(cfg, key)} is not one of {', '.join(allowed)}")
-    for ok, message in [
-            (0 < cfg.data_fraction <= 1, "--data_fraction must be in (0, 1]"),
-            (0 <= cfg.ei_mix <= 1, "--ei_mix must be in [0, 1]"),
-            (cfg.algo != "exgrpo" or cfg.k >= 1, "exgrpo needs --k >= 1 probes per dialogue"),
-            (min(cfg.group_size, cfg.batch_size, cfg.rl_batch_size, cfg.grad_accum) >= 1,
-             "--group_size, --batch_size, --rl_batch_size and --grad_accum must be at least 1"),
-            (cfg.batch_size % cfg.grad_accum == 0,
-             f"--batch_size={cfg.batch_size} must be divisible by --grad_accum={cfg.grad_accum}"),
-            (cfg.batch_size % world_size == cfg.rl_batch_size % world_size == 0,
-             f"--batch_size and --rl_batch_size must be divisible by the {world_size} DDP ranks")]:
-        if not ok:
-            raise SystemExit(message)
 
 
 def main(argv):

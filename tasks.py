@@ -771,3 +771,10 @@ def greedy_answers(model, tok, questions, max_new_tokens, batch_size=128):
         prompts = [prompt_ids(tok, q) for q in questions[i:i + batch_size]]
         texts += decode_generated(tok, *model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot))
     return texts
+
+
+def accuracy(model, tok, records, max_new_tokens):
+    """The share of records answered right, greedily and single turn."""
+    answers = greedy_answers(model, tok, [r["question"] for r in records], max_new_tokens)
+    right = sum(is_correct(r["world"], a, r["answer"], r["question"]) for r, a in zip(records, answers))
+    return right / max(1, len(records))
