@@ -15,8 +15,13 @@ stage=rl   one loop, three algorithms, on the questions the difficulty filter ke
              probes, then Q; Scenario B: G rollouts of the first k' < k, then Q (k' uniform in
              0..k-1). R = 1 if the final answer to Q is right. DSU bonus (Eqs. 5-6): when P_full >
              nu * P_partial (the accuracies of A and B), each correct Scenario A rollout gets R + delta.
-             Advantages and J (Eq. 7) over Scenario A; B only estimates P_partial. Plus aux_coef *
-             L_aux (Eq. 8): the NLL of the teacher's probe responses, teacher-forced in the dialogue.
+             U is normalised over all 2G rollouts of the question, A and B together (adv_group=joint),
+             and J (Eq. 7) trains Scenario A only. Why joint: if the group were A's G rollouts alone,
+             a bonus paid to every correct one multiplies their 0/1 rewards by (1 + delta), and
+             dividing by the group's std removes it (advantages moved < 3e-4, measured). Joint, the
+             baseline is the question's overall success rate and a fired bonus lifts correct full
+             dialogues above correct partial ones. Plus aux_coef * L_aux (Eq. 8): the NLL of the
+             teacher's probe responses, teacher-forced in the dialogue.
 Where the paper is silent we chose (flags marked [ours] below, except the first): one k' per
 question; the student writes the probe answers, and they are actions trained like the final answer;
 Scenario B gets no gradient; loss_agg=seq takes the token mean per sequence, then the mean over
@@ -93,6 +98,7 @@ class Config:
     grad_probe_answers: bool = True   # policy gradient through the student's probe answers too [ours]
     partial_gradient: bool = False    # Scenario B rollouts get gradient too (own advantages) [ours]
     dsu_bonus: bool = True            # Dialogue Structure Utility bonus, Eqs. 5-6
+    adv_group: str = "joint"          # Eq. 7's group: joint (Scenario A and B, 2G) | scenario (A alone, G) [ours]
     delta: float = 0.5                # bonus size [ours]
     nu: float = 1.0                   # fire when P_full > nu * P_partial [ours]
     aux_coef: float = 0.1             # lambda of the auxiliary SFT loss, Eq. 8 [ours]
@@ -214,6 +220,22 @@ def group_advantages(rewards, scale_rewards="group", eps=1e-4):
         return centred / (rewards.std(1, unbiased=False, keepdim=True) + eps)
     return centred
 
+
+def scenario_advantages(correct_full, correct_partial, cfg, scale):
+    """EXGRPO's rewards and advantages from the 0/1 outcomes (Q, G) of Scenarios A and B: the DSU
+    bonus on A (Eqs. 5-6 when dsu_bonus), then U over each question's group (Eq. 7): A and B
+    together (adv_group=joint, 2G rollouts) or each scenario alone (scenario). Returns (A's rewards,
+    the groups as normalised, A's advantages, B's advantages, where the bonus fired)."""
+    rewards, fired = correct_full, torch.zeros(correct_full.size(0), dtype=torch.bool, device=correct_full.device)
+    if cfg.dsu_bonus:
+        bonus, fired = dsu_bonus(correct_full, correct_partial, cfg.delta, cfg.nu)
+        rewards = rewards + bonus
+    if cfg.adv_group == "joint":
+        groups = torch.cat([rewards, correct_partial], dim=1)
+        adv_a, adv_b = group_advantages(groups, scale).split(correct_full.size(1), dim=1)
+        return rewards, groups, adv_a, adv_b, fired
+    return rewards, rewards, group_advantages(rewards, scale), group_advantages(correct_partial, scale), fired
+
 # --- Eq. 7: the clipped objective with the k3 KL ---------------------------------------------
 
 
@@ -274,7 +296,8 @@ def aux_loss(model, rows, masks, device, n_aux):
 def rollout_batch(model, tok, records, cfg, rng, device):
     """One step's rollouts as a dict: rows (token lists that get the policy gradient), masks (1 on
     each row's trained tokens), adv (one per row), aux and aux_masks (Eq. 8), and for the log the
-    Scenario A rewards, the 0/1 outcomes of both scenarios, where the bonus fired, answer lengths."""
+    Scenario A rewards, the reward groups advantages were normalised over, the 0/1 outcomes of both
+    scenarios, where the bonus fired, answer lengths."""
     G, Q, exgrpo = cfg.group_size, len(records), cfg.algo == "exgrpo"
     if exgrpo:
         full, partial = make_dialogues(records, cfg, rng)
@@ -287,19 +310,19 @@ def rollout_batch(model, tok, records, cfg, rng, device):
                                           for r, text in zip(question, texts)], device=device).view(-1, G)
     n_a = len(scenario_a)
     correct_full, correct_partial = outcome(final[:n_a]), outcome(final[n_a:])
-    rewards, fired = correct_full.clone(), torch.zeros(Q, dtype=torch.bool, device=device)
-    if exgrpo and cfg.dsu_bonus:
-        bonus, fired = dsu_bonus(correct_full, correct_partial, cfg.delta, cfg.nu)
-        rewards = rewards + bonus
     scale = "none" if cfg.algo == "reinforce" else cfg.scale_rewards
-    adv = group_advantages(rewards, scale).view(-1)
-    n_rows = n_a  # Scenario B only estimates P_partial...
-    if cfg.partial_gradient:  # ...unless it is trained too, with its own outcome advantages
-        n_rows, adv = len(tokens), torch.cat([adv, group_advantages(correct_partial, scale).view(-1)])
+    if exgrpo:
+        rewards, groups, adv_a, adv_b, fired = scenario_advantages(correct_full, correct_partial, cfg, scale)
+    else:  # one turn: the G samples of a question are its group
+        rewards = groups = correct_full
+        adv_a, fired = group_advantages(rewards, scale), torch.zeros(Q, dtype=torch.bool, device=device)
+    adv, n_rows = adv_a.reshape(-1), n_a  # Scenario B only estimates P_partial and the baseline...
+    if cfg.partial_gradient and exgrpo:  # ...unless it is trained too
+        adv, n_rows = torch.cat([adv, adv_b.reshape(-1)]), len(tokens)
     trained = {FINAL_ANSWER, PROBE_ANSWER} if cfg.grad_probe_answers else {FINAL_ANSWER}
     aux, aux_masks = aux_rows(tok, records, full) if exgrpo and cfg.aux_coef > 0 else ([], [])
     return dict(rows=tokens[:n_rows], masks=[[int(w in trained) for w in ws] for ws in writer[:n_rows]],
-                adv=adv, aux=aux, aux_masks=aux_masks, rewards=rewards, correct_full=correct_full,
+                adv=adv, aux=aux, aux_masks=aux_masks, rewards=rewards, groups=groups, correct_full=correct_full,
                 correct_partial=correct_partial, fired=fired,
                 lens=[sum(w != CONTEXT for w in ws) for ws in writer[:n_a]])  # tokens the student wrote
 
@@ -498,7 +521,7 @@ def rl_record(batch, stats, cfg, device):
     """The step's metrics, summed over DDP ranks (TRL-style names where they exist)."""
     cf, cp, rewards, lens = batch["correct_full"], batch["correct_partial"], batch["rewards"], batch["lens"]
     sums = all_reduce_sum([cf.sum(), cf.numel(), cp.sum(), cp.numel(), rewards.sum(), batch["fired"].sum(),
-                           cf.size(0), (rewards.std(1, unbiased=False) == 0).sum(), stats["kl"], stats["clipped"],
+                           cf.size(0), (batch["groups"].std(1, unbiased=False) == 0).sum(), stats["kl"], stats["clipped"],
                            stats["entropy"], sum(lens), stats["aux"]], device)
     ok_a, n_a, ok_b, n_b, rew, fired, n_q, zero_std, kl, clipped, ent, gen_tokens, aux = sums
     n_tok = stats["n_tokens"]

@@ -383,3 +383,50 @@ def test_rollout_masks_and_scenario_b_flags():
             assert not any(mask[start:end])
             if not grad_probes:
                 assert not any(mask[:end]) and all(mask[end:])
+
+
+# ---------------------------------------------------------------------------------------------
+# the DSU bonus must act: Scenario A and B share one group
+
+
+def test_joint_group_lifts_correct_full_rollouts_when_the_bonus_fires():
+    """P_full 0.5 > P_partial 0.25: the bonus fires. Joint group of 8 = A's [1, 1, 0, 0] and B's
+    [1, 0, 0, 0]: without the bonus mean 0.375, std sqrt(0.375 * 0.625), so a correct A rollout gets
+    0.625 / 0.4841 = 1.291; with it A is [1.5, 1.5, 0, 0], mean 0.5, std sqrt(0.4375), and it gets
+    1.0 / 0.6614 = 1.512. With A alone as the group the bonus only rescales it and cancels."""
+    full, partial = torch.tensor([[1.0, 1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+
+    def adv_a(**flags):
+        cfg = Config(delta=0.5, nu=1.0, **flags)
+        return distill_rl.scenario_advantages(full, partial, cfg, "group")[2][0]
+    plain, bonus = adv_a(dsu_bonus=False), adv_a(dsu_bonus=True)
+    assert plain[0].item() == pytest.approx(0.625 / (0.375 * 0.625) ** 0.5, abs=1e-3)
+    assert bonus[0].item() == pytest.approx(1.0 / 0.4375 ** 0.5, abs=1e-3)
+    assert bonus[2].item() == pytest.approx(-0.5 / 0.4375 ** 0.5, abs=1e-3)  # wrong A rollouts: lower
+    old_plain, old_bonus = adv_a(dsu_bonus=False, adv_group="scenario"), adv_a(dsu_bonus=True, adv_group="scenario")
+    assert (old_bonus - old_plain).abs().max() < 3e-4
+
+
+def update_gap(out_dir, init, adv_group, monkeypatch):
+    """||w(bonus) - w(no bonus)|| / ||w(no bonus) - w(init)|| after 4 RL steps from one student.
+    The reward is a fixed function of the answer's length, so groups are mixed from the start."""
+    monkeypatch.setattr(distill_rl, "is_correct", lambda world, text, gold, q=None: len(text) % 3 == 0)
+    ends = {}
+    for bonus in (True, False):
+        name = f"gap_{adv_group}_{bonus}"
+        rl(out_dir, init, "--rl_steps=4", f"--name={name}", f"--dsu_bonus={bonus}", f"--adv_group={adv_group}",
+           "--group_size=4", "--beta=0.0", "--aux_coef=0.0")
+        ends[bonus] = weights(out_dir, name)
+        if bonus:
+            assert sum(r["dsu_fire_rate"] for r in log(out_dir, name)) > 0
+    start = load_checkpoint(init.removeprefix("--init="))["model"]
+    norm = lambda d: sum(float((d[k] ** 2).sum()) for k in d) ** 0.5
+    return norm({k: ends[True][k] - ends[False][k] for k in start}) / norm({k: ends[False][k] - start[k] for k in start})
+
+
+def test_two_runs_differing_only_in_the_bonus_end_apart(data_dir, monkeypatch):
+    sft(data_dir, "--max_iters=4", "--name=gap_base")
+    init = f"--init={os.path.join(data_dir, 'ckpt', 'gap_base.pt')}"
+    joint, scenario = update_gap(data_dir, init, "joint", monkeypatch), update_gap(data_dir, init, "scenario", monkeypatch)
+    assert joint > 0.05  # measured 0.094: the bonus moves the update
+    assert scenario < 1e-3  # measured 2e-5: with A alone as the group it cancels, which is why it is joint
