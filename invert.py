@@ -36,9 +36,9 @@ class Config:
     n_test: int = 300                         # ... in test_id
     n_ood: int = 300                          # ... in each of ood_long, ood_reverse, ood_names
     min_events: int = 2                       # events per problem (every split but ood_long)
-    max_events: int = 6
-    long_min_events: int = 7                  # events per ood_long problem: more than any training one
-    long_max_events: int = 8
+    max_events: int = 5
+    long_min_events: int = 6                  # events per ood_long problem: more than any training one
+    long_max_events: int = 7
     min_facts: int = 1                        # distractor facts per problem (the premise rule asks about one)
     max_facts: int = 8                        # ... up to: long questions train the positions ood_long needs
     long_min_facts: int = 0                   # ... per ood_long problem: fewer, to stay inside those lengths
