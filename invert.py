@@ -33,14 +33,18 @@ class Config:
     out_dir: str = 'out/default'              # writes out_dir/data/{split}.jsonl and stats.json
     worlds: str = 'arith,coin,date,swap'      # comma-separated worlds of tasks.py
     n_train: int = 2000                       # problems per world in train
-    n_val: int = 200                          # ... in val
-    n_test: int = 200                         # ... in test_id
-    n_ood: int = 200                          # ... in each of ood_long, ood_reverse, ood_names
+    n_val: int = 200                          # ... in val and in each validation copy val_ood_*
+    n_test: int = 300                         # ... in test_id
+    n_ood: int = 300                          # ... in each of ood_long, ood_reverse, ood_names
     min_events: int = 2                       # events per problem (every split but ood_long)
-    max_events: int = 4
+    max_events: int = 5
     long_min_events: int = 6                  # events per ood_long problem: more than any training one
     long_max_events: int = 7
-    n_facts: int = 1                          # distractor facts per problem (the premise rule asks about one)
+    min_facts: int = 1                        # distractor facts per problem (the premise rule asks about one)
+    max_facts: int = 8                        # ... up to: long questions train the positions ood_long needs
+    long_min_facts: int = 0                   # ... per ood_long problem: fewer, to stay inside those lengths
+    long_max_facts: int = 1
+    reverse_share: float = 0.05               # train questions asked backwards (ood_reverse's rare skill)
     rules: str = ','.join(tasks.DEFAULT_RULES)  # EI rules; adding 'inverse' gives the RevThink-style data
     seed: int = 1337
     teacher: str = 'oracle'                   # 'oracle' (tasks.py, exact) or a checkpoint answering greedily
@@ -152,14 +156,15 @@ def curate(teacher, records, rules):
 
 def synthetic(cfg, worlds, rules):
     """{split: records} from tasks.py's worlds, the training split through the teacher, and stats."""
-    sizes = {'train': cfg.n_train, 'val': cfg.n_val, 'test_id': cfg.n_test,
-             'ood_long': cfg.n_ood, 'ood_reverse': cfg.n_ood, 'ood_names': cfg.n_ood}
+    sizes = {'train': cfg.n_train, 'val': cfg.n_val, 'test_id': cfg.n_test, 'ood_long': cfg.n_ood,
+             'ood_reverse': cfg.n_ood, 'ood_names': cfg.n_ood} | {f'val_{s}': cfg.n_val for s in tasks.OOD_SPLITS}
     teacher = None if cfg.teacher == 'oracle' else CheckpointTeacher(cfg.teacher, cfg.device, cfg.teacher_batch,
                                                                      cfg.teacher_max_new_tokens)
     data, filters = {s: [] for s in SPLITS}, {}
     for world in worlds:
         problems = tasks.make_dataset(world, sizes, cfg.seed, (cfg.min_events, cfg.max_events),
-                                      (cfg.long_min_events, cfg.long_max_events), cfg.n_facts)
+                                      (cfg.long_min_events, cfg.long_max_events), (cfg.min_facts, cfg.max_facts),
+                                      (cfg.long_min_facts, cfg.long_max_facts), cfg.reverse_share)
         for split, ps in problems.items():
             recs = [tasks.to_record(p, tasks.ei_probes(p, rules, cfg.seed))
                     for p in tqdm(ps, desc=f'{world} {split}', leave=False)]

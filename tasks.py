@@ -6,10 +6,21 @@ short rationale ending "The answer is X.":
   arith  a quantity changes by events (buys, gives, loses, doubles); X is an integer 0..99
   coin   people flip or do not flip a coin; X is yes/no ("is it still heads up?")
   date   a date moves by days, weeks or months (a 365-day year, no year written); X is "April 5"
-  swap   three people trade objects; X is an option letter ("Options: (A) ball (B) hat (C) pen.")
-Splits: train, val, test_id and, out of distribution, ood_long (longer chains), ood_reverse (the
-question gives the final state and asks for the initial one: GSM8K-Reversal's analogue) and
-ood_names (names and objects never used in training). Generation is seeded and deterministic.
+  swap   three people trade objects; X is an option letter ("Who has the ball now? Options: (A) Tom ...")
+Splits. train, val and test_id are in distribution. Three splits test out of distribution, each built
+so that a student can reach it, every position and token it needs being trained:
+  ood_long     more events than any training question, with fewer distractor facts: training questions
+               carry a block of 1..8 distractor facts, so the longest ones reach every position ood_long
+               needs (its longest question plus rationale), for every method alike.
+  ood_reverse  the final state is given and the initial one asked (GSM8K-Reversal's analogue). A skill
+               no one can infer from nothing, so it is a rare skill: a small share of the training
+               questions (invert.py's reverse_share, the same for every method) is asked backwards,
+               the test asks only backwards. No default EI rule asks backwards.
+  ood_names    names, items and objects of the 'ood' pools in the asked roles (who acts, what is
+               counted or held). They occur in training text, but only in distractor facts.
+val_ood_long, val_ood_reverse and val_ood_names are validation copies of the three (own seeds, no
+question shared with any other split), for choosing settings without looking at a test split.
+Generation is seeded and deterministic.
 
 The paper's EI rules are functions over the structured problem, so every EI probe comes with an
 exact rationale and answer; a rule that does not fit a problem returns None. Probe questions restate
@@ -25,21 +36,26 @@ from dataclasses import asdict, dataclass, field, replace
 
 from tokenizer import decode_generated
 
+# 'train' entities fill the asked roles (who acts, what is counted or held) of every split but ood_names,
+# 'ood' ones those of ood_names; distractor facts draw from both pools, so every entity is in training text
 NAMES = {'train': ('Tom', 'Ann', 'Bob', 'Eve', 'Sam', 'Max', 'Amy', 'Joe', 'Kim', 'Dan', 'Liz', 'Ben'),
-         'ood': ('Ivan', 'Olga', 'Raj', 'Yuki', 'Omar', 'Nina', 'Hugo', 'Lena', 'Igor', 'Mona')}
+         'ood': ('Ivan', 'Hans', 'Raj', 'Rosa', 'Omar', 'Nina', 'Hugo', 'Lena', 'Igor', 'Leo')}
 ITEMS = {'train': ('apples', 'marbles', 'stickers', 'cards', 'pencils', 'cookies'),
          'ood': ('shells', 'stamps', 'buttons', 'beads')}
-THINGS = {'train': ('party', 'trip', 'meeting', 'exam'), 'ood': ('concert', 'wedding', 'picnic', 'race')}
+THINGS = ('party', 'trip', 'meeting', 'exam')  # date: no distractor names them, so no OOD pool
 OBJECTS = {'train': ('ball', 'hat', 'pen', 'book', 'cup', 'key', 'bag', 'box'),
-           'ood': ('kite', 'drum', 'lamp', 'vase', 'fork', 'ring')}
-SPLITS = ('train', 'val', 'test_id', 'ood_long', 'ood_reverse', 'ood_names')
+           'ood': ('bell', 'drum', 'lamp', 'mug', 'fork', 'ring')}
+# test splits, then the validation copies of the OOD ones (own seeds; made last, so adding them never
+# changes a test file)
+OOD_SPLITS = ('ood_long', 'ood_reverse', 'ood_names')
+SPLITS = ('train', 'val', 'test_id') + OOD_SPLITS + tuple(f'val_{s}' for s in OOD_SPLITS)
 DEFAULT_RULES = ('counterfactual', 'step_challenge', 'decompose', 'verify', 'cause', 'compare',
                  'hypothesis', 'process', 'premise', 'analogy')
 ORD = ('first', 'second', 'third', 'fourth', 'fifth', 'sixth', 'seventh', 'eighth', 'ninth', 'tenth')
 MONTHS = ('January', 'February', 'March', 'April', 'May', 'June', 'July', 'August', 'September',
           'October', 'November', 'December')
 DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-FACTS = ('{name} is {n} years old.', '{name} has {n} {item}.')  # distractors: never change the state
+FACTS = ('{name} is {n} years old.', '{name} has {n} {item}.', '{name} wants a {item}.')  # never change the state
 WHEN = ('now', 'at the end')
 
 
@@ -91,6 +107,8 @@ class World:
     def value(self, p, s): return self.answer(p, s)  # the state in words, e.g. for a list of states
     def conclusion(self, p, s, past): return []       # a last rationale sentence before the answer
     def effect(self, p, e): return None               # step_challenge: what one event does
+    def start(self, p, s): return []                  # a first rationale sentence: the state the steps start from
+    facts = (0, 1)                                    # which FACTS templates its distractors use
 
 
 class Arith(World):
@@ -255,7 +273,7 @@ class Date(World):
     def doy(s): return sum(DAYS[:s[0] - 1]) + s[1] - 1
 
     def sample(self, rng, n, pool, reverse):
-        ctx = {'h': rng.choice(NAMES[pool]), 'thing': rng.choice(THINGS[pool])}
+        ctx = {'h': rng.choice(NAMES[pool]), 'thing': rng.choice(THINGS)}
         s = init = (rng.randint(1, 12), rng.randint(1, 28))
         events = []
         for _ in range(n):
@@ -327,7 +345,7 @@ class Date(World):
 
     def analogue(self, p, rng):
         ctx = {'h': rng.choice(others(NAMES['train'], [p.ctx['h']])),
-               'thing': rng.choice(others(THINGS['train'], [p.ctx['thing']]))}
+               'thing': rng.choice(others(THINGS, [p.ctx['thing']]))}
         for _ in range(100):
             init = (rng.randint(1, 12), rng.randint(1, 28))
             events = [(kind, (1 if k > 0 else -1) * rng.randint(1, {'day': 9, 'week': 3, 'month': 2}[kind]))
@@ -339,14 +357,19 @@ class Date(World):
 
 
 class Swap(World):
-    name, latent_name = 'swap', 'held'
+    """Three people trade objects; the question asks who holds one object. The rationale follows that
+    object from holder to holder, one short step per event (a lookup of the current holder and the two
+    traders), the way coin follows its side: a tiny student learns it. Asking what a person holds
+    instead needs the whole assignment at every step, and a tiny student stayed at chance on it."""
+    name, latent_name = 'swap', 'holder'
     INIT = ('{0} has a {1}, {2} has a {3}, and {4} has a {5}.',
             '{0} holds a {1}, {2} holds a {3}, and {4} holds a {5}.')
     EVENT = ('{a} and {b} swap items.', '{a} trades items with {b}.', '{a} and {b} switch items.')
+    facts = (0, 1, 2)  # 2: "Olga wants a kite.", so the OOD objects occur in training text too
 
     def sample(self, rng, n, pool, reverse):
         people, objects = rng.sample(NAMES[pool], 3), rng.sample(OBJECTS[pool], 3)
-        ctx = {'people': people, 'x': rng.randrange(3), 'options': rng.sample(objects, 3)}
+        ctx = {'people': people, 'obj': rng.choice(objects), 'options': rng.sample(people, 3)}
         return ctx, tuple(objects), [('swap', *rng.sample(range(3), 2)) for _ in range(n)]
 
     def step(self, s, e):
@@ -354,50 +377,50 @@ class Swap(World):
         s[e[1]], s[e[2]] = s[e[2]], s[e[1]]
         return tuple(s)
 
-    def who(self, p): return p.ctx['people'][p.ctx['x']]  # the person the query asks about
+    def value(self, p, s): return p.ctx['people'][s.index(p.ctx['obj'])]  # who holds the asked object
     def holders(self, p, s): return [x for pair in zip(p.ctx['people'], s) for x in pair]
     def options(self, p): return ' Options: ' + ' '.join(f'({L}) {o}' for L, o in zip('ABC', p.ctx['options'])) + '.'
     def people(self, p): return list(p.ctx['people'])
     def init_text(self, p, s, t): return self.INIT[t % 2].format(*self.holders(p, s))
     def event_text(self, p, e, t): return self.EVENT[t % 3].format(a=p.ctx['people'][e[1]], b=p.ctx['people'][e[2]])
-    def ask(self, p, when): return f'What does {self.who(p)} have {when}?' + self.options(p)
+    def ask(self, p, when): return f"Who has the {p.ctx['obj']} {when}?" + self.options(p)
     def now_text(self, p, s): return 'Now ' + self.INIT[0].format(*self.holders(p, s))
-    def back_query(self, p): return f'What did {self.who(p)} have at first?' + self.options(p)
+    def back_query(self, p): return f"Who had the {p.ctx['obj']} at first?" + self.options(p)
+    def start(self, p, s): return [f"{self.value(p, s)} has the {p.ctx['obj']}."]
     def step_text(self, a, e, b, p):
-        (i, j), P = e[1:], p.ctx['people']
-        return f'{P[i]} {b[i]}, {P[j]} {b[j]}.'  # what the two traders hold now: short, so it fits the budget
+        P = p.ctx['people']
+        return f'{P[e[1]]} and {P[e[2]]} swap, {self.value(p, b)}.'
     def undo_text(self, b, e, a, p):
-        (i, j), P = e[1:], p.ctx['people']
-        return f'Undo {P[i]} and {P[j]}: {P[i]} {a[i]}, {P[j]} {a[j]}.'
-    def value(self, p, s): return s[p.ctx['x']]
-    def answer(self, p, s): return 'ABC'[p.ctx['options'].index(s[p.ctx['x']])]
+        P = p.ctx['people']
+        return f'Undo {P[e[1]]} and {P[e[2]]}, {self.value(p, a)}.'
+    def answer(self, p, s): return 'ABC'[p.ctx['options'].index(self.value(p, s))]
     def conclusion(self, p, s, past):
-        return [f"{self.who(p)} {'had' if past else 'has'} the {self.value(p, s)}, option {self.answer(p, s)}."]
-    def latent(self, p, s): return s[p.ctx['x']]
-    def claim(self, p, v): return f'{self.who(p)} has the {v}'
-    def what(self, p): return f'what {self.who(p)} has'
-    def wrong(self, p, s, rng): return rng.choice([o for o in s if o != self.value(p, s)])
+        return [f"{self.value(p, s)} {'had' if past else 'has'} the {p.ctx['obj']}, option {self.answer(p, s)}."]
+    def latent(self, p, s): return self.value(p, s)
+    def claim(self, p, v): return f"{v} has the {p.ctx['obj']}"
+    def what(self, p): return f"who has the {p.ctx['obj']}"
+    def wrong(self, p, s, rng): return rng.choice(others(p.ctx['people'], [self.value(p, s)]))
 
-    def last_swap(self, p):
-        mine = [i for i, e in enumerate(p.events) if p.ctx['x'] in e[1:]]
-        if not mine:
+    def last_move(self, p, states):
+        """(event index, giver, taker) of the last event that moves the asked object; None if it never moves."""
+        moves = [i for i in range(len(p.events)) if self.value(p, states[i]) != self.value(p, states[i + 1])]
+        if not moves:
             return None
-        e = p.events[mine[-1]]
-        return mine[-1], p.ctx['people'][e[1] if e[2] == p.ctx['x'] else e[2]]
+        return moves[-1], self.value(p, states[moves[-1]]), self.value(p, states[moves[-1] + 1])
 
     def compare(self, p, states):
-        a, b, X = self.value(p, states[0]), self.value(p, states[-1]), self.who(p)
-        return (f'Does {X} have the same item now as before the events?', f'{X} goes from the {a} to the {b}.',
+        a, b, O = self.value(p, states[0]), self.value(p, states[-1]), p.ctx['obj']
+        return (f'Does the same person have the {O} now as before the events?', f'The {O} goes from {a} to {b}.',
                 'yes' if a == b else 'no')
 
     def cause(self, p, states):
-        got, X = self.last_swap(p), self.who(p)
-        return got and (f'Who gives {X} the item {X} has now?',
-                        f'{X} last swaps in the {ORD[got[0]]} event, with {got[1]}.', got[1])
+        got, O = self.last_move(p, states), p.ctx['obj']
+        return got and (f'Who last hands over the {O}?',
+                        f'The {O} last moves in the {ORD[got[0]]} event, from {got[1]} to {got[2]}.', got[1])
 
     def premise(self, p, states, rng):
-        got = self.last_swap(p)
-        return got and ('person', got[1], f'what {self.who(p)} has now')
+        got = self.last_move(p, states)
+        return got and ('person', got[1], f"who has the {p.ctx['obj']} now")
 
     def perturb(self, p, rng):
         i, j = rng.sample(range(3), 2)
@@ -406,8 +429,9 @@ class Swap(World):
 
     def analogue(self, p, rng):
         objects = rng.sample(others(OBJECTS['train'], p.init), 3)
-        ctx = {'people': rng.sample(others(NAMES['train'], self.people(p)), 3), 'x': p.ctx['x'],
-               'options': [objects[p.init.index(o)] for o in p.ctx['options']]}
+        people = rng.sample(others(NAMES['train'], self.people(p)), 3)
+        ctx = {'people': people, 'obj': objects[p.init.index(p.ctx['obj'])],
+               'options': [people[p.ctx['people'].index(o)] for o in p.ctx['options']]}
         return replace(p, ctx=ctx, init=tuple(objects))
 
 
@@ -462,16 +486,18 @@ def query(p):
 
 
 def explain(p, states, events, upto=None):
-    """One rationale step per event, e.g. "15 + 6 = 21." (the first `upto` events)."""
+    """The world's opening sentence, then one rationale step per event, e.g. "15 + 6 = 21." (the first
+    `upto` events)."""
     w = WORLDS[p.world]
-    return [w.step_text(a, e, b, p) for a, e, b in list(zip(states, events, states[1:]))[:upto]]
+    return w.start(p, states[0]) + [w.step_text(a, e, b, p) for a, e, b in list(zip(states, events, states[1:]))[:upto]]
 
 
 def solve(p):
     """The oracle: (rationale, answer) for a problem, exact."""
     w, states = WORLDS[p.world], chain(p)
     if p.reverse:
-        steps = [w.undo_text(b, e, a, p) for a, e, b in reversed(list(zip(states, p.events, states[1:])))]
+        steps = w.start(p, states[-1]) + [w.undo_text(b, e, a, p)
+                                          for a, e, b in reversed(list(zip(states, p.events, states[1:])))]
         s = states[0]
     else:
         steps, s = explain(p, states, p.events), states[-1]
@@ -479,16 +505,21 @@ def solve(p):
     return ' '.join(steps + w.conclusion(p, s, p.reverse) + [f'The answer is {ans}.']), ans
 
 
-def make_facts(p, rng, pool, slots):
-    """Distractor facts with a person and a number that appear nowhere else in the problem."""
+def make_facts(p, rng, slots):
+    """Distractor facts with a person and a number that appear nowhere else in the problem. Their names,
+    items and objects come from the training and the OOD pools alike: every entity of ood_names occurs
+    in training text, but only here, in a role that never changes the state or the answer."""
+    w = WORLDS[p.world]
     used = set(re.findall(r'\d+', question(p) + question(replace(p, reverse=not p.reverse))))
-    taken, facts = set(WORLDS[p.world].people(p)), []
+    taken, facts = set(w.people(p)), []
     for slot in slots:
-        name = rng.choice([x for x in NAMES[pool] if x not in taken])
+        name = rng.choice([x for x in NAMES['train'] + NAMES['ood'] if x not in taken])
         n = rng.choice([k for k in range(2, 60) if str(k) not in used])
+        t = rng.choice(w.facts)
+        pool, skip = (OBJECTS, p.init) if t == 2 else (ITEMS, [p.ctx.get('item')])
         taken.add(name)
         used.add(str(n))
-        facts.append((slot, rng.randrange(2), name, n, rng.choice(others(ITEMS[pool], [p.ctx.get('item')]))))
+        facts.append((slot, t, name, n, rng.choice(others(pool['train'] + pool['ood'], skip))))
     return facts
 
 
@@ -496,25 +527,38 @@ def make_problem(world, split, i, rng, n_events, pool='train', reverse=False, n_
     ctx, init, events = WORLDS[world].sample(rng, n_events, pool, reverse)
     p = Problem(f'{world}-{split}-{i:05d}', world, split, ctx, init, events, [],
                 [rng.randrange(6) for _ in range(n_events + 2)], reverse)  # 6: uniform over 2 or 3 templates
-    p.facts = make_facts(p, rng, pool, [rng.randint(0, n_events) for _ in range(n_facts)])
+    p.facts = make_facts(p, rng, [0] * n_facts)  # one block before the events: they stay contiguous
     return p
 
 
-def make_dataset(world, sizes, seed, events=(2, 4), long_events=(6, 7), n_facts=1):
-    """{split: [Problem]} for the splits in `sizes` ({split: n}), each from its own seeded stream; ood_long
-    draws its event counts from long_events, ood_reverse asks backwards, ood_names uses the OOD pools.
-    A question never repeats across splits."""
+def span(n):
+    """(lo, hi) from a count or a (lo, hi) range."""
+    return (n, n) if isinstance(n, int) else tuple(n)
+
+
+def make_dataset(world, sizes, seed, events=(2, 4), long_events=(6, 7), n_facts=1, long_facts=None,
+                 reverse_share=0.0):
+    """{split: [Problem]} for the splits in `sizes` ({split: n}), each from its own seeded stream.
+    Every split draws its event count from `events` and its number of distractor facts from `n_facts`
+    (a count or a (lo, hi) range), except ood_long: `long_events` events and `long_facts` facts (default
+    n_facts; fewer facts keep its longer chains inside the token lengths training covers). ood_reverse
+    asks backwards, and a `reverse_share` of the train questions too (the rare-skill regime: every
+    method sees the same few). ood_names fills the asked roles from the OOD pools. val_<split> is a
+    validation copy of <split>, from its own seed. A question never repeats across splits."""
     seen, out = set(), {}
     for split in (s for s in SPLITS if sizes.get(s)):
+        kind = split.removeprefix('val_') if split.startswith('val_') else split
         rng = random.Random(f'{seed}|{world}|{split}')
-        lo, hi = long_events if split == 'ood_long' else events
+        lo, hi = long_events if kind == 'ood_long' else events
+        facts = span(long_facts if kind == 'ood_long' and long_facts is not None else n_facts)
         out[split], tries = [], 0
         while len(out[split]) < sizes[split]:
             tries += 1
             if tries > 20 * sizes[split] + 1000:
                 raise SystemExit(f'cannot make {sizes[split]} distinct {world} problems for {split}: ask for fewer')
+            reverse = kind == 'ood_reverse' or (kind == 'train' and rng.random() < reverse_share)
             p = make_problem(world, split, len(out[split]), rng, rng.randint(lo, hi),
-                             'ood' if split == 'ood_names' else 'train', split == 'ood_reverse', n_facts)
+                             'ood' if kind == 'ood_names' else 'train', reverse, rng.randint(*facts))
             if question(p) not in seen:
                 seen.add(question(p))
                 out[split].append(p)
@@ -605,7 +649,7 @@ def analogy(p, rng):
     alt = WORLDS[p.world].analogue(p, rng)
     if alt is None:
         return None
-    alt.facts = make_facts(replace(alt, facts=[]), rng, 'train', [f[0] for f in p.facts])
+    alt.facts = make_facts(replace(alt, facts=[]), rng, [f[0] for f in p.facts])
     return Probe('analogy', question(alt), *solve(alt))
 
 

@@ -7,7 +7,7 @@ device = "cpu"
 threads = 1                 # run.sh runs two or three trainings at once, one core each
 worlds = "coin,swap"        # two of the four worlds: what a tiny student learns in minutes
 init = "scratch"
-n_layer, n_head, n_embd, block_size = 4, 4, 128, 512
+n_layer, n_head, n_embd, block_size = 4, 4, 128, 768  # EI dialogues of k=2 probes reach ~580 tokens
 # SFT
 batch_size = 16
 grad_accum = 2            # sorted by length: questions and long EI dialogues pad apart
@@ -24,4 +24,4 @@ rl_steps = 30
 rl_lr = 2e-5
 rl_warmup = 5
 rl_candidates = 256
-max_new_tokens = 48
+max_new_tokens = 72        # the longest training rationale (swap, 6 events) is 67 tokens

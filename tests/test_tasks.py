@@ -8,12 +8,16 @@ import re
 
 import pytest
 
+import invert
+import model
 import tasks
 
 WORLDS = ('arith', 'coin', 'date', 'swap')
-SIZES = {'train': 60, 'val': 10, 'test_id': 10, 'ood_long': 30, 'ood_reverse': 30, 'ood_names': 30}
-ORD = ['first', 'second', 'third', 'fourth', 'fifth', 'sixth', 'seventh']
-FACT = [(r'(\w+) is (\d+) years old\.', lambda m: ('fact', (m[1], int(m[2]), None)))]
+SIZES = {'train': 200, 'val': 10, 'test_id': 10, 'ood_long': 30, 'ood_reverse': 30, 'ood_names': 30,
+         'val_ood_long': 10, 'val_ood_reverse': 10, 'val_ood_names': 10}
+ORD = ['first', 'second', 'third', 'fourth', 'fifth', 'sixth', 'seventh', 'eighth', 'ninth', 'tenth']
+FACT = [(r'(\w+) is (\d+) years old\.', lambda m: ('fact', (m[1], int(m[2]), None))),
+        (r'(\w+) wants a (\w+)\.', lambda m: ('fact', (m[1], None, m[2])))]
 
 
 # ---- an independent reader of the rendered text ----
@@ -30,14 +34,14 @@ def read_query(world, q):
             'coin': [r'Is the coin still heads up\?', r'Is the coin heads up (?:now|at the end)\?',
                      r'(?P<v>Was) the coin heads up at first\?'],
             'date': [r'On what date (?P<v>is|was) the (?P<thing>\w+) (?:now|at the end|at first)\?'],
-            'swap': [r'What (?P<v>does|did) (?P<x>\w+) have (?:now|at the end|at first)\?']}[world]
+            'swap': [r'Who (?P<v>has|had) the (?P<obj>\w+) (?:now|at the end|at first)\?']}[world]
     for pat in pats:
         m = re.fullmatch(pat, q)
         if m:
             ctx = {k: v for k, v in m.groupdict().items() if k != 'v'}
             if opts:
                 ctx['options'] = list(opts.groups())
-            return ctx, m.groupdict().get('v') in ('did', 'Was', 'was')
+            return ctx, m.groupdict().get('v') in ('did', 'Was', 'was', 'had')
     raise AssertionError(f'unreadable {world} query: {q!r}')
 
 
@@ -101,9 +105,10 @@ def read(world, question):
     """A problem read back from its text: {ctx, reverse, init, final, events, facts, sentences}."""
     sents = sentences(question)
     if world == 'swap':
-        sents = sents[:-2] + [sents[-2] + ' ' + sents[-1]]  # "What does X have now? Options: ..."
+        sents = sents[:-2] + [sents[-2] + ' ' + sents[-1]]  # "Who has the ball now? Options: ..."
     ctx, reverse = read_query(world, sents[-1])
-    out = {'ctx': ctx, 'reverse': reverse, 'init': None, 'final': None, 'events': [], 'facts': [], 'event_sents': []}
+    out = {'ctx': ctx, 'reverse': reverse, 'init': None, 'final': None, 'events': [], 'facts': [], 'event_sents': [],
+           'fact_sents': []}
     for s in sents[:-1]:
         kind, what = read_sentence(world, ctx, s)
         if kind == 'event':
@@ -111,6 +116,7 @@ def read(world, question):
             out['event_sents'].append(s)
         elif kind == 'fact':
             out['facts'].append(what)
+            out['fact_sents'].append(s)
         else:
             out['init' if kind == 'init' else 'final'] = what
     return out
@@ -149,14 +155,18 @@ def simulate(world, init, events):
 
 def value(world, ctx, s):
     return {'arith': lambda: str(s), 'coin': lambda: 'heads' if s else 'tails',
-            'date': lambda: f'{s:%B} {s.day}', 'swap': lambda: s[ctx['x']]}[world]()
+            'date': lambda: f'{s:%B} {s.day}', 'swap': lambda: holder(ctx, s)}[world]()
+
+
+def holder(ctx, s):
+    return [person for person, obj in s.items() if obj == ctx['obj']][0]
 
 
 def answer(world, ctx, s):
     if world == 'coin':
         return 'yes' if s else 'no'
     if world == 'swap':
-        return 'ABC'[ctx['options'].index(s[ctx['x']])]
+        return 'ABC'[ctx['options'].index(holder(ctx, s))]
     return value(world, ctx, s)
 
 
@@ -189,26 +199,40 @@ def solve(world, prob):
 
 @pytest.fixture(scope='module', params=WORLDS)
 def data(request):
-    """(world, {split: records with every rule's probes}); an ood_reverse record also carries its problem
-    asked forward ('forward'), whose story its probes restate."""
+    """(world, {split: records with every rule's probes}) at invert.py's default design; a record asked
+    backwards (ood_reverse, and the train share) also carries its problem asked forward ('forward'), whose
+    story its probes restate."""
     world, out = request.param, {}
-    for split, ps in tasks.make_dataset(world, SIZES, seed=7).items():
+    for split, ps in tasks.make_dataset(world, SIZES, seed=7, **design()).items():
         out[split] = [tasks.to_record(p, tasks.ei_probes(p, tasks.EI_RULES, seed=7)) for p in ps]
-        if split == 'ood_reverse':
-            for r, p in zip(out[split], ps):
+        for r, p in zip(out[split], ps):
+            if p.reverse:
                 r['forward'] = tasks.to_record(dataclasses.replace(p, reverse=False))
     return world, out
 
 
-def names_in(world, prob):
-    c = prob['ctx']
-    people = {f[0] for f in prob['facts']} | {c.get('h'), c.get('x')}
-    if world == 'coin':
-        people |= {e[1] for e in prob['events']}
-    if world == 'swap':
-        people |= set((prob['init'] or prob['final']))
-    things = {c.get('item'), c.get('thing')} | {f[2] for f in prob['facts']} | set(c.get('options', []))
-    return (people | things) - {None, ''}
+def design():
+    """make_dataset's keyword arguments as invert.py passes them by default."""
+    c = invert.Config()
+    return dict(events=(c.min_events, c.max_events), long_events=(c.long_min_events, c.long_max_events),
+                n_facts=(c.min_facts, c.max_facts), long_facts=(c.long_min_facts, c.long_max_facts),
+                reverse_share=c.reverse_share)
+
+
+ENTITIES = {pool: set(tasks.NAMES[pool] + tasks.ITEMS[pool] + tasks.OBJECTS[pool]) for pool in ('train', 'ood')}
+
+
+def words(text):
+    return set(re.findall(r'\w+', text))
+
+
+def roles(world, question):
+    """(entities in the asked roles, entities in distractor facts) of a question: the entities of its
+    state, event and query sentences, and those of its fact sentences."""
+    prob, every = read(world, question), ENTITIES['train'] | ENTITIES['ood']
+    facts = ' '.join(prob['fact_sents'])
+    rest = ' '.join(s for s in sentences(question) if s not in prob['fact_sents'])
+    return words(rest) & every, words(facts) & every
 
 
 # ---- worlds ----
@@ -226,15 +250,15 @@ def test_solver_agrees_with_independent_simulation(data):
             assert len(prob['events']) == len(lat['event_ends']) == len(lat['states']) - 1  # every event is said
             for end, sent in zip(lat['event_ends'], prob['event_sents']):
                 assert r['question'][:end].endswith(sent)
-            assert r['question'][lat['query_start']:].startswith(('How', 'Is', 'Was', 'On', 'What'))
+            assert r['question'][lat['query_start']:].startswith(('How', 'Is', 'Was', 'On', 'Who'))
             init = prob['init'] if not prob['reverse'] else None
             if init is not None:
                 labels = {'arith': lambda s: str(s % 10), 'coin': lambda s: 'heads' if s else 'tails',
-                          'date': lambda s: f'{s:%B}', 'swap': lambda s: s[prob['ctx']['x']]}[world]
+                          'date': lambda s: f'{s:%B}', 'swap': lambda s: holder(prob['ctx'], s)}[world]
                 assert [labels(s) for s in simulate(world, init, prob['events'])] == lat['states']
             for name, n, _ in prob['facts']:  # a distractor's person and number appear nowhere else
                 assert len(re.findall(rf'\b{name}\b', r['question'])) == 1
-                assert len(re.findall(rf'\b{n}\b', r['question'])) == 1
+                assert n is None or len(re.findall(rf'\b{n}\b', r['question'])) == 1
 
 
 @pytest.mark.parametrize('world', WORLDS)
@@ -247,15 +271,60 @@ def test_solver_on_many_seeds(world):
 
 
 def test_ood_splits_are_out_of_distribution(data):
+    """Each OOD split and its validation copy: longer chains, backward questions, or entities in asked
+    roles that training never gives them (but does show, in distractor facts)."""
     world, splits = data
     read_all = {s: [read(world, r['question']) for r in recs] for s, recs in splits.items()}
     in_dist = read_all['train'] + read_all['val'] + read_all['test_id']
-    assert max(len(p['events']) for p in in_dist) < min(len(p['events']) for p in read_all['ood_long'])
-    assert all(p['reverse'] and p['final'] is not None and p['init'] is None for p in read_all['ood_reverse'])
-    assert not any(p['reverse'] for s in read_all if s != 'ood_reverse' for p in read_all[s])
-    seen = set().union(*(names_in(world, p) for p in read_all['train']))
-    unseen = set().union(*(names_in(world, p) for p in read_all['ood_names']))
-    assert seen and unseen and not seen & unseen
+    for long in ('ood_long', 'val_ood_long'):
+        assert max(len(p['events']) for p in in_dist) < min(len(p['events']) for p in read_all[long])
+    for rev in ('ood_reverse', 'val_ood_reverse'):
+        assert all(p['reverse'] and p['final'] is not None and p['init'] is None for p in read_all[rev])
+    assert not any(p['reverse'] for s in read_all if 'reverse' not in s and s != 'train' for p in read_all[s])
+    train_roles = [roles(world, r['question']) for r in splits['train']]
+    asked = set().union(*(a for a, _ in train_roles))
+    in_facts = set().union(*(f for _, f in train_roles))
+    assert asked <= ENTITIES['train']
+    for names in ('ood_names', 'val_ood_names'):
+        new = set().union(*(roles(world, r['question'])[0] for r in splits[names]))
+        assert new and new <= ENTITIES['ood'] and not new & asked
+        assert new <= in_facts  # every one of them is in training text, as a distractor
+        assert not new & set().union(*(roles(world, r['question'])[0] for s in ('val', 'test_id', 'ood_long')
+                                       for r in splits[s]))
+
+
+@pytest.mark.parametrize('world', WORLDS)
+def test_reverse_share_of_train(world):
+    """The rare-skill regime: a few training questions, the same for every method, are asked backwards."""
+    share = design()['reverse_share']
+    train = tasks.make_dataset(world, {'train': 2000}, seed=3, **design())['train']
+    got = sum(p.reverse for p in train) / len(train)
+    assert 0 < share < 0.2 and abs(got - share) < 0.02
+    assert not any(p.reverse for p in tasks.make_dataset(world, {'train': 300}, seed=3)['train'])
+
+
+@pytest.mark.parametrize('world', WORLDS)
+def test_ood_long_fits_the_trained_lengths(world):
+    """Learned positions are trained by every sequence that reaches them: training questions (padded by
+    distractor facts) must reach the longest ood_long question plus rationale, and not just once."""
+    tok = model.get_tokenizer()
+    data = tasks.make_dataset(world, {'train': 2000, 'ood_long': 300}, seed=5, **design())
+    lengths = {s: [len(tasks.prompt_ids(tok, tasks.question(p))) + len(tasks.response_ids(tok, tasks.solve(p)[0]))
+                   for p in ps] for s, ps in data.items()}
+    assert sum(n >= max(lengths['ood_long']) for n in lengths['train']) >= 0.01 * len(lengths['train'])
+
+
+def test_validation_copies_are_their_own_problems():
+    """val_<split> comes from its own seed, shares no question with any test split, and adding it leaves
+    the test splits as they were."""
+    tests = {s: 20 for s in ('test_id',) + tasks.OOD_SPLITS}
+    for world in WORLDS:
+        alone = tasks.make_dataset(world, tests, seed=2, **design())
+        both = tasks.make_dataset(world, {**tests, **{f'val_{s}': 20 for s in tasks.OOD_SPLITS}}, seed=2, **design())
+        assert all(list(map(tasks.question, alone[s])) == list(map(tasks.question, both[s])) for s in tests)
+        test_qs = {tasks.question(p) for s in tests for p in both[s]}
+        for s in tasks.OOD_SPLITS:
+            assert len({tasks.question(p) for p in both[f'val_{s}']} - test_qs) == 20
 
 
 def test_generation_is_deterministic():
@@ -278,7 +347,7 @@ def test_no_question_repeats_across_splits():
 def claim_value(world, ctx, claim):
     """The value a verify/hypothesis claim states."""
     pat = {'arith': rf"{ctx.get('h')} has (\d+) \w+", 'coin': r'the coin is (heads|tails) up',
-           'date': rf"the {ctx.get('thing')} is on (\w+ \d+)", 'swap': rf"{ctx.get('x')} has the (\w+)"}[world]
+           'date': rf"the {ctx.get('thing')} is on (\w+ \d+)", 'swap': rf"(\w+) has the {ctx.get('obj')}"}[world]
     return re.fullmatch(pat, claim)[1]
 
 
@@ -330,8 +399,8 @@ def expected(world, rule, prob, tail, r):
             return ORD[[abs(d) for d in deltas].index(top)]
         if world == 'coin':
             return [e[1] for e in events if e[0] == 'flip'][-1]
-        last = [e for e in events if ctx['x'] in e][-1]
-        return last[1] if last[0] == ctx['x'] else last[0]
+        moves = [i for i in range(len(events)) if vals[i] != vals[i + 1]]  # the giver of the last move
+        return vals[moves[-1]]
     if rule == 'compare':
         a, b = states[0], states[-1]
         if world == 'arith':
@@ -362,7 +431,7 @@ def expected(world, rule, prob, tail, r):
         assert len(used) == 1 and len(spare) == 1 and spare[0] in fact_tokens
         if world == 'coin':
             assert ('flip', used[0]) in events
-        if world == 'swap':  # the partner of the queried person's last swap
+        if world == 'swap':  # the last person to hand the asked object over
             assert used[0] == expected(world, 'cause', prob, '', r)
         return spare[0]
     if rule in ('analogy', 'inverse'):
@@ -370,14 +439,10 @@ def expected(world, rule, prob, tail, r):
         assert alt['reverse'] == (rule == 'inverse')
         assert len(alt['events']) == len(events)
         if rule == 'analogy':
-            assert names_in(world, alt) != names_in(world, prob)
-            assert names_in(world, alt) <= names_of_pool('train')
+            assert roles(world, tail)[0] != roles(world, r['question'])[0]
+            assert roles(world, tail)[0] <= ENTITIES['train']
         return solve(world, alt)
     raise AssertionError(rule)
-
-
-def names_of_pool(pool):
-    return set(tasks.NAMES[pool] + tasks.ITEMS[pool] + tasks.THINGS[pool] + tasks.OBJECTS[pool])
 
 
 def test_every_probe_answer_rederived(data):
@@ -403,22 +468,26 @@ def test_every_probe_answer_rederived(data):
 
 
 def test_default_probes_stay_in_training_format():
-    """No default rule asks for the initial state, makes a longer chain, or names OOD entities."""
-    ood = names_of_pool('ood')
+    """No default rule asks for the initial state (not even of a training question asked backwards),
+    makes a longer chain, or puts an OOD entity anywhere but in a distractor fact."""
     rule_worlds = {}
     for world in WORLDS:
-        for p in tasks.make_dataset(world, {'train': 150}, seed=11)['train']:
-            ctx = read(world, tasks.question(p))['ctx']
+        train = tasks.make_dataset(world, {'train': 150}, seed=11, **{**design(), 'reverse_share': 0.3})['train']
+        assert any(p.reverse for p in train)
+        for p in train:
+            fwd = dataclasses.replace(p, reverse=False)
+            ctx = read(world, tasks.question(fwd))['ctx']
             for pr in tasks.ei_probes(p, seed=11):
                 rule_worlds.setdefault(pr.rule, set()).add(world)
                 q = pr.question
                 assert 'at first' not in q and not re.search(r'(^|\. )Now ', q)
-                assert not set(re.findall(r'\w+', q)) & ood
+                facts = read(world, q if pr.rule == 'analogy' else tasks.question(fwd))['fact_sents']
+                assert words(q) & ENTITIES['ood'] <= words(' '.join(facts))
                 if pr.rule == 'analogy':
                     assert len(read(world, q)['events']) == len(p.events)
                 else:  # the problem's own story, then at most one restated event
-                    assert q.startswith(tasks.story(p) + ' ')
-                    assert sum(is_event(world, ctx, s) for s in sentences(q[len(tasks.story(p)) + 1:])) <= 1
+                    assert q.startswith(tasks.story(fwd) + ' ')
+                    assert sum(is_event(world, ctx, s) for s in sentences(q[len(tasks.story(fwd)) + 1:])) <= 1
     assert set(rule_worlds) == set(tasks.DEFAULT_RULES)
     assert all(len(ws) >= 2 for ws in rule_worlds.values())
 
