@@ -207,7 +207,7 @@ def test_ei_dialogue_examples():
 # ---------------------------------------------------------------------------------------------
 # whole runs on a tiny dataset
 
-NANO = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=384", "--threads=1", "--device=cpu"]
+NANO = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=768", "--threads=1", "--device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,8 @@ def test_golden_sft_losses(data_dir):
     assert losses == pytest.approx(GOLDEN_SFT_LOSSES, rel=1e-4)
 
 
-GOLDEN_SFT_LOSSES = [5.189614772796631, 5.177914619445801, 5.178619861602783]
+# re-derived when the worlds changed (distractor-fact blocks, a third fact template): new data, new values
+GOLDEN_SFT_LOSSES = [5.216511249542236, 5.21489953994751, 5.218469142913818]
 
 
 def interrupt_at(monkeypatch, step):
@@ -345,7 +346,7 @@ def test_short_sft_then_exgrpo_raises_reward(tmp_path):
     import invert
     out = str(tmp_path)
     invert.build(invert.Config(out_dir=out, worlds="coin", n_train=256, n_val=16, n_test=8, n_ood=8))
-    nano = ["--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=384", "--threads=1", "--device=cpu",
+    nano = ["--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=768", "--threads=1", "--device=cpu",
             "--seed=1", "--max_new_tokens=32", "--eval_problems=16"]
     distill_rl.main([f"--out_dir={out}", "--stage=sft", "--data=ei", "--batch_size=16", "--max_iters=80",
                      "--warmup_iters=10", "--eval_interval=1000", *nano])
