@@ -24,11 +24,13 @@ stage=rl   one loop, three algorithms, on the questions the difficulty filter ke
              teacher's probe responses, teacher-forced in the dialogue.
 Where the paper is silent we chose (flags marked [ours] below, except the first): one k' per
 question; the student writes the probe answers, and they are actions trained like the final answer;
-Scenario B gets no gradient; loss_agg=seq takes the token mean per sequence, then the mean over
-sequences (token: one mean over the step's tokens, as DAPO); EI-SFT shows probes as teacher-forced
-dialogues ending in Q (ei_format=single: the paper's one-probe pairs). Rollouts are sampled at
-`temperature` without top-k and scored at the same temperature; EOS is trained, what follows it is
-masked; pi_old is the policy that sampled (ppo_epochs passes per batch); pi_ref is the starting
+Scenario B gets no gradient; loss_agg=constant sums the step's token terms over sequences x
+max_new_tokens (Dr. GRPO), so a final-answer token weighs the same in one-turn GRPO and in EXGRPO
+(seq, the token mean per sequence, lets EXGRPO's probe answers dilute its final answer to ~0.4 of
+GRPO's weight; token, one mean over the step's tokens as DAPO, dilutes it too); EI-SFT shows probes
+as teacher-forced dialogues ending in Q (ei_format=single: the paper's one-probe pairs). Rollouts
+are sampled at `temperature` without top-k and scored at the same temperature; EOS is trained,
+what follows it is masked; pi_old is the policy that sampled (ppo_epochs passes per batch); pi_ref is the starting
 checkpoint, frozen. The loss starts near 0 by construction: watch the reward.
 
     python distill_rl.py config/cpu_tiny.py --stage=sft --data=ei
@@ -107,7 +109,7 @@ class Config:
     ppo_epochs: int = 1               # optimizer passes over each batch of rollouts
     temperature: float = 1.0          # sampling and scoring temperature (no top-k in RL)
     max_new_tokens: int = 48          # per answer turn
-    loss_agg: str = "seq"             # seq (mean per sequence, then over sequences) | token (global token mean) [ours]
+    loss_agg: str = "constant"        # constant (token sum / (sequences x max_new_tokens)) | seq | token [ours]
     scale_rewards: str = "group"      # group (divide by group std) | none [ours]
     difficulty: bool = True           # Eq. 2 with the starting student chooses the RL questions
     tau_hard: int = 1                 # Eq. 2: the fewest probes the student must get right
@@ -261,8 +263,10 @@ def rl_loss(logp, old_logp, ref_logp, mask, adv, cfg, n_seqs, n_tokens):
     per_token = -(surrogate - cfg.beta * kl) * mask
     if cfg.loss_agg == "seq":
         loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
-    else:
+    elif cfg.loss_agg == "token":
         loss = per_token.sum() / n_tokens
+    else:  # constant: every trained token weighs 1 / (sequences x max_new_tokens), whatever else it shares a row with
+        loss = per_token.sum() / (n_seqs * cfg.max_new_tokens)
     return loss, ((kl * mask).sum().item(), (clipped * mask).sum().item())
 
 # --- Eq. 8: the auxiliary SFT loss on the teacher's probe answers ----------------------------
@@ -412,7 +416,8 @@ def train_sft(cfg, model, tok, device, rank, world_size):
         grad_norm = optimizer_step(raw_model, optimizer, cfg.grad_clip, loss_sum, run.where(step))
         seen = sum(len(p) + len(r) for ex in batch for p, r in ex) * world_size  # every token through the model
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": seen / (time.time() - t0)}
+                  "tokens_per_s": seen / (time.time() - t0),  # the last position whose output is trained:
+                  "max_position": max(sum(len(p) + len(r) for p, r in ex) for ex in batch) - 2}
         if val and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters):
             record.update(evaluate_sft(raw_model, tok, val, cfg, device))
         run.log(record)
@@ -531,7 +536,8 @@ def rl_record(batch, stats, cfg, device):
             "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" else None, "kl": kl / n_tok,
             "clip_frac": clipped / n_tok, "entropy": ent / n_tok, "aux_loss": aux if batch["aux"] else None,
             "loss": stats["loss"], "grad_norm": stats["grad_norm"], "frac_zero_std": zero_std / n_q,
-            "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens}
+            "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens,
+            "tokens_trained": n_tok, "max_position": max(map(len, batch["rows"])) - 2}
 
 # --- plumbing: the learning-rate schedule and main (data, the student, logs: training.py) ----
 

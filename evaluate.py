@@ -48,8 +48,12 @@ class Config:
 
 
 # the paper's ablation rows in the order a reader expects them; other names follow alphabetically
-LABELS = {"sft_qa": "vanilla SFT", "sft_ei": "EI-SFT", "rl_grpo": "SFT+GRPO",
-          "rl_exgrpo_nobonus": "EXGRPO w/o DSU bonus", "rl_exgrpo": "EXGRPO", "rl_cold": "RL cold start"}
+LABELS = {"sft_qa": "vanilla SFT", "sft_ei": "EI-SFT", "rl_exgrpo_plain": "SFT + dialogue RL",
+          "rl_exgrpo_nobonus": "SFT + dialogue RL + aux", "rl_exgrpo": "EXGRPO", "rl_cold": "RL cold start",
+          "rl_grpo": "SFT + GRPO (one turn)"}
+# the paired differences the report gives confidence intervals for: every row against both SFT
+# baselines, and the DSU bonus on its own
+BASELINES, PAIRS = ("sft_qa", "sft_ei"), (("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo_nobonus", "rl_exgrpo_plain"))
 SFT_CURVES, RL_CURVES = ("val_loss", "val_acc"), ("reward", "acc_full", "kl", "dsu_fire_rate")
 
 
@@ -87,8 +91,9 @@ def load_data(run, splits, worlds, max_problems):
 def evaluate_checkpoint(path, run, data, cfg, device):
     """Counts [correct, total] per split and world ("acc") and per EI rule and world ("probes")."""
     model, tok, ckpt = load_model(path, device)
-    jobs = [("acc", split, r["world"], r["question"], r["answer"]) for split, recs in data.items() for r in recs]
-    jobs += [("probes", p["rule"], r["world"], p["question"], p["answer"])
+    jobs = [("acc", split, r["world"], r["question"], r["answer"], i)
+            for split, recs in data.items() for i, r in enumerate(recs)]
+    jobs += [("probes", p["rule"], r["world"], p["question"], p["answer"], None)
              for r in data.get("test_id", []) for p in r.get("probes", [])]
     jobs.sort(key=lambda j: len(j[3]))  # similar lengths share a batch: less left padding to compute
     bs, answers = cfg.batch_size, []
@@ -99,10 +104,15 @@ def evaluate_checkpoint(path, run, data, cfg, device):
         raise SystemExit(f"checkpoint {path} cannot be evaluated on {os.path.join(run, 'data')}: {e}") from None
     entry = {"run": run, "path": path, "step": ckpt["step"],
              "config": ckpt["extra"].get("config", {}), "acc": {s: {} for s in data}, "probes": {}}
-    for (group, key, world, question, gold), text in zip(jobs, answers):
+    correct = {split: ["0"] * len(recs) for split, recs in data.items()}
+    for (group, key, world, question, gold, i), text in zip(jobs, answers):
+        right = int(is_correct(world, text, gold, question))  # the question: swap options by letter
         cell = entry[group].setdefault(key, {}).setdefault(world, [0, 0])
-        cell[0] += int(is_correct(world, text, gold, question))  # the question: swap options by letter
+        cell[0] += right
         cell[1] += 1
+        if group == "acc":
+            correct[key][i] = str(right)
+    entry["correct"] = {split: "".join(c) for split, c in correct.items()}  # per problem, in data order
     return entry
 
 
@@ -215,6 +225,49 @@ def accuracy_sections(methods, order, splits, report_dir):
                      [[label(m)] + [fmt(s) for s in main[m]] + [str(len(methods[m]))] for m in order]),
             "", "![accuracy per split](accuracy.png)", "", "## Accuracy per world", "",
             md_table(["method", "world"] + splits, per_world), ""]
+
+
+def paired_bootstrap(diffs, n_boot=2000, seed=0):
+    """diffs (seeds, problems): per-problem differences in correctness (-1, 0, 1) between two
+    checkpoints trained with the same seed and scored on the same problems. Returns the mean and a
+    95% percentile interval from resampling seeds and problems with replacement (both paired: a
+    draw keeps each seed's two checkpoints and each problem's two answers together)."""
+    rng = np.random.default_rng(seed)
+    S, P = diffs.shape
+    means = [diffs[rng.integers(0, S, S)][:, rng.integers(0, P, P)].mean() for _ in range(n_boot)]
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(diffs.mean()), float(lo), float(hi)
+
+
+def difference_section(methods, order, splits):
+    """Paired bootstrap CIs of accuracy differences (percentage points), per split and over all of
+    them: each method against vanilla SFT and EI-SFT, and the bonus and aux rows against the row
+    below them. Pairs are matched by run folder (seed)."""
+    pairs = [(m, b) for b in BASELINES if b in methods for m in order if m != b and m not in BASELINES[:1]]
+    pairs += [p for p in PAIRS if p[0] in methods and p[1] in methods]
+    if not pairs or not all("correct" in e for es in methods.values() for e in es):
+        return []
+
+    def diffs(a, b, chosen):
+        by_run = {e["run"]: e for e in methods[b]}
+        rows = [[int(x) - int(y) for s in chosen for x, y in zip(e["correct"][s], by_run[e["run"]]["correct"][s])]
+                for e in methods[a] if e["run"] in by_run]
+        return np.array(rows, dtype=float) if rows and rows[0] else None
+
+    def cell(a, b, chosen):
+        d = diffs(a, b, chosen)
+        if d is None:
+            return "–"
+        mean, lo, hi = paired_bootstrap(d)
+        mark = "" if lo <= 0 <= hi else " *"
+        return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+    rows = [[f"{label(a)} − {label(b)}", str(len(diffs(a, b, splits) if diffs(a, b, splits) is not None else []))]
+            + [cell(a, b, [s]) for s in splits] + [cell(a, b, splits)] for a, b in pairs]
+    return ["## Paired differences with 95% bootstrap intervals", "",
+            "Accuracy difference in percentage points, mean over seeds and problems, with a 95% interval "
+            "from resampling seeds and problems (paired: same seed, same problems). * = the interval "
+            "excludes 0; without it the two rows are not separable at this power.", "",
+            md_table(["difference", "seeds"] + splits + ["all splits"], rows), ""]
 
 
 def probe_section(methods, order, report_dir):
@@ -347,11 +400,9 @@ def write_report(cfg, runs, splits, entries, report_dir):
               + f". Greedy single-turn answers of at most {cfg.max_new_tokens} new tokens. Problems per run folder: "
               + ", ".join(f"{s} {'/'.join(map(str, totals[s]))}" for s in splits)
               + ". Cells: accuracy in % (mean ± sample std over the n run folders when n > 1); a split pools "
-              "its worlds; mean = the mean over the splits."
-              + (" ood_long also tests positions the student never trained on (learned absolute positions "
-                 "do not extrapolate)." if "ood_long" in splits else ""))
+              "its worlds; mean = the mean over the splits.")
     out = (["# Evaluation report", "", header, ""] + accuracy_sections(methods, order, splits, report_dir)
-           + probe_section(methods, order, report_dir) + linear_probe_section(runs, report_dir)
+           + difference_section(methods, order, splits) + probe_section(methods, order, report_dir) + linear_probe_section(runs, report_dir)
            + curve_section(methods, order, report_dir)
            + efficiency_section(entries, report_dir))
     with open(os.path.join(report_dir, "report.md"), "w") as f:

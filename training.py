@@ -121,7 +121,7 @@ def init_student(cfg, device):
 def check_config(cfg, world_size):
     choices = dict(stage=("sft", "rl"), data=("qa", "ei"), ei_format=("dialogue", "single"),
                    algo=("reinforce", "grpo", "exgrpo"), probe_answers=("student", "teacher"),
-                   loss_agg=("seq", "token"), scale_rewards=("group", "none"),
+                   loss_agg=("constant", "seq", "token"), scale_rewards=("group", "none"),
                    adv_group=("joint", "scenario"))
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:

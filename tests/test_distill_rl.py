@@ -126,7 +126,7 @@ def test_masked_tokens_get_exactly_zero_gradient():
     # targets are shifted: mask[:, t] says whether token t+1 was written by the student
     assert mask.tolist() == [[0, 0, 1, 1, 1, 0, 0, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]]
     leaf = logp.detach().clone().requires_grad_(True)
-    for agg in ("seq", "token"):
+    for agg in ("seq", "token", "constant"):
         cfg = Config(algo="grpo", beta=0.04, loss_agg=agg)
         leaf.grad = None
         loss, _ = rl_loss(leaf, leaf.detach() + 0.05, leaf.detach() - 0.1, mask, torch.tensor([1.0, -2.0]), cfg, 2,
@@ -137,14 +137,18 @@ def test_masked_tokens_get_exactly_zero_gradient():
 
 
 def test_loss_aggregation_by_hand():
-    """seq: per-sequence token mean, then mean over sequences; token: one global token mean."""
+    """seq: per-sequence token mean, then mean over sequences; token: one global token mean;
+    constant: the token sum over sequences x max_new_tokens (a final-answer token weighs the same
+    whatever probe answers share its row)."""
     logp = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     adv = torch.tensor([1.0, 3.0])
     seq = rl_loss(logp, logp, logp, mask, adv, Config(algo="grpo", loss_agg="seq"), 2, 4)[0]
     tok = rl_loss(logp, logp, logp, mask, adv, Config(algo="grpo", loss_agg="token"), 2, 4)[0]
+    const = rl_loss(logp, logp, logp, mask, adv, Config(algo="grpo", loss_agg="constant", max_new_tokens=5), 2, 4)[0]
     assert seq.item() == pytest.approx(-(1.0 + 3.0) / 2)
     assert tok.item() == pytest.approx(-(3 * 1.0 + 3.0) / 4)
+    assert const.item() == pytest.approx(-(3 * 1.0 + 3.0) / (2 * 5))  # 2 sequences x 5 new tokens
 
 
 def test_clipping_by_hand():

@@ -6,6 +6,7 @@ import json
 import os
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 
@@ -136,7 +137,13 @@ def test_accuracy_equals_hand_count_and_seeds_aggregate(stub_runs):
     # EI probes, sft_qa: counterfactual 1/4 and 0/4, decompose 3/4 and 0/4, all 4/8 and 0/8
     assert cells(report, "EI-probe", ["method"]) == ["counterfactual", "decompose", "all"]
     assert cells(report, "EI-probe", ["vanilla SFT (sft_qa)"]) == ["12.5 ± 17.7", "37.5 ± 53.0", "25.0 ± 35.4"]
+    # paired differences, s1 only (s2 has no rl_exgrpo): EXGRPO right on 4/4, 0/4, 0/4, 0/4 where
+    # vanilla SFT is right on 3/4, 1/4, 0/4, 4/4, so +25, -25, 0, -100 and -25 over all 16 problems
+    diff = cells(report, "Paired differences", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)"])
+    assert diff[0] == "1" and [c.split(" [")[0] for c in diff[1:]] == ["+25.0", "-25.0", "+0.0", "-100.0", "-25.0"]
+    assert diff[4].endswith("*") and not diff[1].endswith("*")  # 4 of 4 worse excludes 0; 1 of 4 better does not
     s1 = results["checkpoints"][str(tmp_path / "s1" / "ckpt" / "sft_qa.pt")]
+    assert s1["correct"]["test_id"].count("1") == 3 and len(s1["correct"]["ood_names"]) == 4
     assert s1["acc"]["test_id"] == {"coin": [2, 2], "arith": [1, 2]}
     assert s1["probes"]["decompose"] == {"coin": [2, 2], "arith": [1, 2]}
 
@@ -234,3 +241,14 @@ def test_missing_inputs_are_one_clear_sentence(tmp_path):
         evaluate.main([f"--out_dir={tmp_path / 'run'}", "--ckpts=rl_grpo"])
     with pytest.raises(SystemExit, match=r"run/data/test_id\.jsonl does not exist: run `python invert\.py"):
         evaluate.main([f"--out_dir={tmp_path / 'run'}"])
+
+
+def test_paired_bootstrap_by_hand():
+    assert evaluate.paired_bootstrap(np.zeros((3, 5))) == (0.0, 0.0, 0.0)
+    assert evaluate.paired_bootstrap(np.ones((2, 4))) == (1.0, 1.0, 1.0)
+    d = np.array([[1, 0, 0, -1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1, -1, 0]], dtype=float)  # mean 4/16
+    mean, lo, hi = evaluate.paired_bootstrap(d)
+    assert mean == 4 / 16 and -1 < lo < mean < hi < 1
+    assert evaluate.paired_bootstrap(d) == (mean, lo, hi)  # seeded: the same interval every time
+    wide = evaluate.paired_bootstrap(d[:, :4])
+    assert wide[2] - wide[1] > hi - lo  # fewer problems, a wider interval
