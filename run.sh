@@ -39,29 +39,31 @@ for seed in $seeds; do
     stamp "seed $seed -> $run"
     # stage 1: problems, teacher rationales, EI probes, consistency filter (the data is the same for every seed)
     python invert.py $configs --out_dir=$run --n_examples=0
-    # stages 2-3, two chains at once (one core each): vanilla SFT then the RL cold start;
-    # EI-SFT (the warm start and frozen reference of every other RL row) then three RL rows
+    # stage 2, both SFT rows at once (one core each): vanilla SFT, and EI-SFT (the warm start and
+    # frozen reference of every RL row but the cold start)
     train="python distill_rl.py $configs --out_dir=$run --seed=$seed"
     sft=$run/ckpt/sft_ei.pt
-    stamp "training: follow with tail -f $run/train_a.log $run/train_b.log"
-    ( $train --stage=sft --data=qa
-      $train --stage=rl --algo=exgrpo --difficulty=False --name=rl_cold ) > $run/train_a.log 2>&1 &
-    chain_a=$!
-    ( $train --stage=sft --data=ei
-      $train --stage=rl --init=$sft --algo=grpo --name=rl_grpo & grpo=$!
-      $train --stage=rl --init=$sft --algo=exgrpo --dsu_bonus=False --name=rl_exgrpo_nobonus & nobonus=$!
-      $train --stage=rl --init=$sft --algo=exgrpo --name=rl_exgrpo & full=$!
-      wait $grpo && wait $nobonus && wait $full ) > $run/train_b.log 2>&1 &
-    chain_b=$!
-    wait $chain_a || { echo "run.sh: training failed, see $run/train_a.log" >&2; exit 1; }
-    wait $chain_b || { echo "run.sh: training failed, see $run/train_b.log" >&2; exit 1; }
+    stamp "training: follow with tail -f $run/train.log"
+    ( $train --stage=sft --data=qa & qa=$!
+      $train --stage=sft --data=ei && wait $qa ) > $run/train.log 2>&1 \
+        || { echo "run.sh: SFT failed, see $run/train.log" >&2; exit 1; }
+    # stage 3, the paper's Table 3 rows plus one-turn GRPO, two at a time; every row gets the same
+    # steps, questions per step and trained rollouts per question (README: "The rows")
+    printf '%s\n' \
+        "--init=$sft --algo=exgrpo --aux_coef=0 --dsu_bonus=False --name=rl_exgrpo_plain" \
+        "--init=$sft --algo=exgrpo --dsu_bonus=False --name=rl_exgrpo_nobonus" \
+        "--init=$sft --algo=exgrpo --name=rl_exgrpo" \
+        "--init=$sft --algo=grpo --name=rl_grpo" \
+        "--algo=exgrpo --difficulty=False --name=rl_cold" \
+        | xargs -P 2 -I {} sh -c "$train --stage=rl {}" >> $run/train.log 2>&1 \
+        || { echo "run.sh: RL failed, see $run/train.log" >&2; exit 1; }
     stamp "trained: per-step metrics in $run/logs"
     # linear probes on the students' hidden states, two worlds, beside the evaluation below
     # (untrained = the same architecture with fresh weights: what a probe reads without any training)
     ckpts=untrained=init:$run/ckpt/sft_qa.pt,vanilla=$run/ckpt/sft_qa.pt,ei_sft=$run/ckpt/sft_ei.pt,exgrpo=$run/ckpt/rl_exgrpo.pt
     for world in coin swap; do
         python probe.py --checkpoints=$ckpts --data=$run/data --world=$world --target=state --positions=event \
-            --out_dir=$run/probe --threads=1 $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1" )
+            --out_dir=$run/probe --threads=1 --seed=$seed $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1 --intervene_problems=8 --alphas=0,4" )
     done > $run/probe.log 2>&1 &
     probes="$probes $!"
 done
