@@ -202,7 +202,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         with torch.autocast(idx.device.type, enabled=False):  # fp32 logits under bf16 autocast: bf16 rounds
-            logits = self.lm_head(self.transformer.ln_f(x.float()))  # GPT-2's logits (~ -100) to 0.5; (B, T, V)
+            logits = self.lm_head(self.transformer.ln_f(x.float()))  # GPT-2's (tens) to 0.25  (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
