@@ -84,8 +84,9 @@ def accuracies(out_dir):
     """{checkpoint: {split: accuracy}} from evaluate.py's results.json, every world pooled."""
     with open(os.path.join(out_dir, "report", "results.json")) as f:
         entries = json.load(f)["checkpoints"].values()
-    return {os.path.basename(e["path"])[:-3]: {split: round(evaluate.pooled(cells), 4) for split, cells in e["acc"].items()
-                                               if evaluate.pooled(cells) is not None} for e in entries}
+    pooled = lambda e: {split: evaluate.pooled(cells) for split, cells in e["acc"].items()}
+    return {os.path.basename(e["path"])[:-3]: {split: round(acc, 4) for split, acc in pooled(e).items()
+                                               if acc is not None} for e in entries}
 
 
 def run(cfg, files):
