@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from configurator import parse_config, pick_device, set_threads
+from configurator import mixed_precision, parse_config, pick_device, set_threads
 from model import KVCache, pad_rows, sequence_logprobs
 from tasks import accuracy, greedy_answers, is_correct, prompt_ids, response_ids
-from training import Run, all_reduce_sum, check_config, init_student, load_data, optimizer_step, setup_ddp
+from training import Run, all_reduce_sum, check_config, init_student, load_data, optimizer_step, setup_ddp, unwrap
 
 
 @dataclass
@@ -67,6 +67,8 @@ class Config:
     seed: int = 1337                  # every draw (init, batches, rollouts) derives from it
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch threads; 0 = torch's default
+    dtype: str = "auto"               # forwards: auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
+    compile: bool = False             # torch.compile the training forward (sampling and scoring stay eager)
     # from-scratch student
     n_layer: int = 4                  # transformer blocks
     n_head: int = 4                   # attention heads
@@ -379,7 +381,7 @@ def evaluate_sft(model, tok, val, cfg, device):
 
 
 def train_sft(cfg, model, tok, device, rank, world_size):
-    raw_model = model.module if world_size > 1 else model
+    raw_model = unwrap(model)
     train, val = load_data(cfg)
     encoded = sft_examples(tok, train)
     pool = [e for e in encoded if e[1]] if cfg.data == "ei" else []
@@ -409,7 +411,9 @@ def train_sft(cfg, model, tok, device, rank, world_size):
         for m in range(cfg.grad_accum):
             # summed over tokens / tokens of the whole step (all micro-batches, all ranks): accumulation
             # and DDP's gradient averaging then give exactly the full-batch token-mean gradient
-            loss = summed_nll(model, *sft_batch(batch[m * micro:(m + 1) * micro], device)) * world_size / n_tokens
+            with mixed_precision(device, cfg.dtype):
+                loss = summed_nll(model, *sft_batch(batch[m * micro:(m + 1) * micro], device))
+            loss = loss * world_size / n_tokens
             loss.backward()
             loss_sum += loss.item() / world_size
         loss_sum = all_reduce_sum([loss_sum], device)[0]
@@ -419,7 +423,8 @@ def train_sft(cfg, model, tok, device, rank, world_size):
                   "tokens_per_s": seen / (time.time() - t0),  # the last position whose output is trained:
                   "max_position": max(sum(len(p) + len(r) for p, r in ex) for ex in batch) - 2}
         if val and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters):
-            record.update(evaluate_sft(raw_model, tok, val, cfg, device))
+            with mixed_precision(device, cfg.dtype):
+                record.update(evaluate_sft(raw_model, tok, val, cfg, device))
         run.log(record)
         shown = {k: f"{record[k]:.3f}" for k in ("val_loss", "val_acc") if k in record}
         bar.set_postfix(loss=f"{loss_sum:.3f}", **shown)
@@ -435,13 +440,13 @@ def policy_update(model, ref, optimizer, batch, cfg, world_size, where):
     scored once, before any update, like pi_theta: at the first pass the ratio is exactly 1 and the
     KL exactly 0. Every loss term is normalised by the whole step's counts (all micro-batches, all
     ranks), so accumulation is exact. Returns logging sums."""
-    raw_model = model.module if world_size > 1 else model
+    raw_model = unwrap(model)
     rows, masks, adv, aux, aux_masks = (batch[k] for k in ("rows", "masks", "adv", "aux", "aux_masks"))
     device = adv.device
     n_seqs, n_tokens, n_aux = all_reduce_sum([len(rows), sum(map(sum, masks)), sum(map(sum, aux_masks))], device)
     chunks = [slice(i, i + cfg.micro_batch) for i in range(0, len(rows), cfg.micro_batch)]
     t0 = time.time()
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(device, cfg.dtype):
         old = [masked_logprobs(raw_model, rows[c], masks[c], device, cfg.temperature)[0] for c in chunks]
         refs = [masked_logprobs(ref, rows[c], masks[c], device, cfg.temperature)[0] for c in chunks]
     stats = dict(kl=0.0, clipped=0.0, entropy=0.0, aux=0.0, n_tokens=n_tokens, time_score=time.time() - t0)
@@ -449,7 +454,8 @@ def policy_update(model, ref, optimizer, batch, cfg, world_size, where):
     for epoch in range(cfg.ppo_epochs):
         epoch_loss = 0.0
         for c, old_logp, ref_logp in zip(chunks, old, refs):
-            logp, mask, logits = masked_logprobs(model, rows[c], masks[c], device, cfg.temperature)
+            with mixed_precision(device, cfg.dtype):
+                logp, mask, logits = masked_logprobs(model, rows[c], masks[c], device, cfg.temperature)
             loss, (kl, clipped) = rl_loss(logp, old_logp, ref_logp, mask, adv[c], cfg, n_seqs, n_tokens)
             (loss * world_size).backward()  # DDP averages over ranks; the counts are already global
             epoch_loss += loss.item()
@@ -460,7 +466,8 @@ def policy_update(model, ref, optimizer, batch, cfg, world_size, where):
                 stats["clipped"] += clipped
                 stats["entropy"] += (entropy * mask).sum().item()
         for i in range(0, len(aux), cfg.micro_batch):
-            nll = aux_loss(model, aux[i:i + cfg.micro_batch], aux_masks[i:i + cfg.micro_batch], device, n_aux)
+            with mixed_precision(device, cfg.dtype):
+                nll = aux_loss(model, aux[i:i + cfg.micro_batch], aux_masks[i:i + cfg.micro_batch], device, n_aux)
             (cfg.aux_coef * nll * world_size).backward()
             epoch_loss += cfg.aux_coef * nll.item()
             stats["aux"] += nll.item() if epoch == 0 else 0.0
@@ -490,10 +497,11 @@ def rl_questions(cfg, train, ref, tok, rank):
 
 
 def train_rl(cfg, model, tok, device, rank, world_size):
-    raw_model = model.module if world_size > 1 else model
+    raw_model = unwrap(model)
     ref = copy.deepcopy(raw_model).eval().requires_grad_(False)  # pi_ref: the starting student, frozen
     train, val = load_data(cfg)
-    pool, counts = rl_questions(cfg, train, ref, tok, rank)
+    with mixed_precision(device, cfg.dtype):  # the difficulty filter's greedy answers
+        pool, counts = rl_questions(cfg, train, ref, tok, rank)
     optimizer = raw_model.configure_optimizer(cfg.rl_lr, 0.0)
     run = Run(cfg, rank)
     start = run.start(raw_model, optimizer)
@@ -503,7 +511,8 @@ def train_rl(cfg, model, tok, device, rank, world_size):
         t0 = time.time()
         # per-step seeds, so a resumed run is exact; one draw of questions for all ranks, then shards
         records = random.Random(f"{cfg.seed}-{step}").sample(pool, cfg.rl_batch_size)[rank::world_size]
-        batch = rollout_batch(raw_model, tok, records, cfg, random.Random(f"{cfg.seed}-{step}-{rank}"), device)
+        with mixed_precision(device, cfg.dtype):
+            batch = rollout_batch(raw_model, tok, records, cfg, random.Random(f"{cfg.seed}-{step}-{rank}"), device)
         t_sample = time.time() - t0
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, cfg, cfg.rl_lr, cfg.rl_steps, cfg.rl_warmup)
@@ -514,7 +523,8 @@ def train_rl(cfg, model, tok, device, rank, world_size):
                       time_step=time.time() - t0)
         record["tokens_per_s"] = record.pop("gen_tokens") / record["time_step"]
         if val and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.rl_steps):
-            record["val_acc"] = accuracy(raw_model, tok, val, cfg.max_new_tokens)
+            with mixed_precision(device, cfg.dtype):
+                record["val_acc"] = accuracy(raw_model, tok, val, cfg.max_new_tokens)
         run.log(record)
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc_full']:.2f}", kl=f"{record['kl']:.4f}")
         if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
@@ -567,6 +577,7 @@ def main(argv):
         print(f"{cfg.stage} {cfg.name}: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, "
               f"init {cfg.init}, device {device}, {torch.get_num_threads()} threads")
     model = DistributedDataParallel(raw_model) if world_size > 1 else raw_model
+    model = torch.compile(model) if cfg.compile else model  # what the gradient flows through; unwrap() undoes it
     (train_sft if cfg.stage == "sft" else train_rl)(cfg, model, tok, device, rank, world_size)
     if world_size > 1:
         dist.destroy_process_group()

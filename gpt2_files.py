@@ -73,30 +73,41 @@ def gpt2_config(folder, tensors, file):
                 block_size=tensors["wpe.weight"].shape[0])
 
 
-def download_gpt2(name):
-    """Fetch config.json and model.safetensors of an OpenAI GPT-2 once, with a progress bar."""
+def fetch(url, dest):
+    """url -> dest through dest.part, with a progress bar. http.client returns a body cut short by
+    a closed connection without an error, so the byte count is checked against Content-Length."""
     from tqdm import tqdm
+    with urllib.request.urlopen(url, timeout=30) as r, open(dest + ".part", "wb") as f:
+        total = int(r.headers.get("Content-Length", 0)) or None
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest))
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+            bar.update(len(chunk))
+        bar.close()
+    if total is not None and bar.n != total:
+        raise ConnectionError(f"the server closed the connection after {bar.n} of {total} bytes")
+    os.replace(dest + ".part", dest)
+
+
+def download_gpt2(name):
+    """Fetch config.json and model.safetensors of an OpenAI GPT-2 once, into $EXGRPO_CACHE/name
+    (default ~/.cache/exgrpo/name), from $HF_ENDPOINT (the hub's own variable for a mirror;
+    default https://huggingface.co)."""
     repo, cache = f"openai-community/{name}", os.path.join(os.path.expanduser("~"), ".cache", "exgrpo")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     folder = os.path.join(os.environ.get("EXGRPO_CACHE", cache), name)
     os.makedirs(folder, exist_ok=True)
     for file in ("config.json", "model.safetensors"):
-        dest = os.path.join(folder, file)
+        dest, url = os.path.join(folder, file), f"{endpoint}/{repo}/resolve/main/{file}"
         if os.path.exists(dest):
             continue
-        url = f"https://huggingface.co/{repo}/resolve/main/{file}"
         try:
-            with urllib.request.urlopen(url, timeout=30) as r, open(dest + ".part", "wb") as f:
-                bar = tqdm(total=int(r.headers.get("Content-Length", 0)) or None, unit="B", unit_scale=True, desc=file)
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-                bar.close()
-            os.replace(dest + ".part", dest)
+            fetch(url, dest)
         except Exception as e:
             if os.path.exists(dest + ".part"):
                 os.remove(dest + ".part")  # never leave a half-downloaded file behind
-            raise SystemExit(f"could not download {url} ({type(e).__name__}); place config.json and "
-                             f"model.safetensors from https://huggingface.co/{repo} in {folder} and rerun") from None
+            raise SystemExit(f"could not download {url} ({type(e).__name__}: {e}); place config.json and "
+                             f"model.safetensors from {endpoint}/{repo} in {folder} and rerun") from None
     return folder
 
 

@@ -57,6 +57,8 @@ class KVCache:
     def __init__(self, config, batch, max_len, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch, config.n_head, max_len, hs)
+        if torch.is_autocast_enabled(torch.device(device).type):  # keys and values in bf16: half the memory
+            dtype = torch.get_autocast_dtype(torch.device(device).type)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
@@ -199,7 +201,8 @@ class GPT(nn.Module):
                 hidden.append(x)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        with torch.autocast(idx.device.type, enabled=False):  # fp32 logits under bf16 autocast: bf16 rounds
+            logits = self.lm_head(self.transformer.ln_f(x.float()))  # GPT-2's (tens) to 0.25  (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
@@ -212,7 +215,7 @@ class GPT(nn.Module):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(self.parameters()).is_cuda)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=None,
                  stop_ids=None, seed=None, eot=None, kv_cache=None):
         """Sample num_samples continuations of each prompt (token-id lists, any lengths; temperature 0

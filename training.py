@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from model import GPT, GPTConfig, load_checkpoint, load_model, save_checkpoint
 from tasks import load_records, read_split
@@ -29,6 +30,13 @@ def setup_ddp(device):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world_size, device
+
+
+def unwrap(model):
+    """The GPT inside torch.compile's and DDP's wrappers: what samples, scores and is saved (its
+    state_dict keys carry neither wrapper's prefix)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def all_reduce_sum(values, device):

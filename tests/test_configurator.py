@@ -1,8 +1,12 @@
-"""configurator.py: --key=value and preset parsing with its errors, and the atomic writer."""
+"""configurator.py: --key=value and preset parsing with its errors, the precision context per
+device, and the atomic writer."""
+import contextlib
 import dataclasses
 import os
+import warnings
 
 import pytest
+import torch
 
 import configurator as C
 
@@ -63,3 +67,24 @@ def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatc
         C.atomic_write(path, "half")
     monkeypatch.undo()
     assert open(path).read() == "new \u2713" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_mixed_precision_on_cpu_is_fp32_and_leaves_tf32_alone():
+    before = torch.backends.cuda.matmul.fp32_precision
+    assert isinstance(C.mixed_precision("cpu"), contextlib.nullcontext)
+    assert isinstance(C.mixed_precision("cpu", "float32"), contextlib.nullcontext)
+    assert torch.backends.cuda.matmul.fp32_precision == before  # the CUDA branch was not taken
+    forced = C.mixed_precision("cpu", "bfloat16")  # the autocast path itself, for the tests
+    assert isinstance(forced, torch.autocast) and forced.device == "cpu" and forced.fast_dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match="--dtype=float16 is not one of auto, float32, bfloat16"):
+        C.mixed_precision("cpu", "float16")
+
+
+def test_mixed_precision_on_cuda_is_bf16_autocast_with_tf32(monkeypatch):
+    """The CUDA branch, taken by name (no GPU needed to choose it): bf16 autocast and TF32 matmuls."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", torch.backends.cuda.matmul.fp32_precision)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU-only build warns that it disables CUDA autocast
+        ctx = C.mixed_precision("cuda:0")
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"

@@ -1,6 +1,7 @@
 """Stage 2-3 tests: hand-computed advantages and DSU bonus, loss masks, ratio/KL at the start,
 gradient accumulation, golden losses, resume, the NaN guard, DDP, and RL raising the reward."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import torch
 
 import distill_rl
 from distill_rl import Config, dsu_bonus, group_advantages, masked_logprobs, policy_update, rl_loss
-from model import GPT, GPTConfig, load_checkpoint
+from configurator import mixed_precision
+from model import GPT, GPTConfig, KVCache, load_checkpoint
 from tasks import prompt_ids
 from tokenizer import CompactTokenizer
 
@@ -223,7 +225,7 @@ def data_dir(tmp_path_factory):
 
 
 def sft(out_dir, *extra):
-    distill_rl.main([f"--out_dir={out_dir}", "--stage=sft", "--data=ei", "--batch_size=8", "--seed=1",
+    return distill_rl.main([f"--out_dir={out_dir}", "--stage=sft", "--data=ei", "--batch_size=8", "--seed=1",
                      "--eval_problems=8", "--max_new_tokens=24", *NANO, *extra])
 
 
@@ -251,6 +253,38 @@ def test_golden_sft_losses(data_dir):
 
 # re-derived when the worlds changed (distractor-fact blocks, a third fact template): new data, new values
 GOLDEN_SFT_LOSSES = [5.216511249542236, 5.21489953994751, 5.218469142913818]
+
+
+def test_bf16_autocast_path_on_cpu(data_dir):
+    """dtype=bfloat16 forced on CPU (auto is fp32 here): one SFT step and one RL scoring pass are
+    finite, close to fp32, and not bitwise fp32 (so autocast did run); logits and log-probs stay
+    fp32, the KV cache is bf16, and the first update still has ratio 1 and KL 0."""
+    sft(data_dir, "--max_iters=1", "--name=bf16", "--dtype=bfloat16")
+    loss = log(data_dir, "bf16")[0]["loss"]
+    assert loss == pytest.approx(GOLDEN_SFT_LOSSES[0], rel=1e-2) and loss != GOLDEN_SFT_LOSSES[0]
+    model, rows, masks = nano(), *rollout_rows()
+    fp32 = masked_logprobs(model, rows, masks, "cpu", 1.0)[0]
+    with torch.no_grad(), mixed_precision("cpu", "bfloat16"):
+        bf16, _, logits = masked_logprobs(model, rows, masks, "cpu", 1.0)
+        assert KVCache(model.config, 2, 8, "cpu", torch.float32).k.dtype == torch.bfloat16
+    assert bf16.dtype == logits.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert 0 < (bf16 - fp32).abs().max() < 0.05
+    cfg = Config(algo="grpo", micro_batch=8, aux_coef=0.0, dtype="bfloat16")
+    batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
+    stats = policy_update(model, nano(), model.configure_optimizer(1e-3, 0.0), batch, cfg, 1, "in the test")
+    assert stats["kl"] == 0.0 and stats["clipped"] == 0.0 and math.isfinite(stats["loss"])
+
+
+def test_compile_wraps_the_training_forward_only(data_dir, monkeypatch):
+    """compile=True: the gradient's forward goes through torch.compile (dynamo with its eager
+    backend here: inductor takes a minute on CPU), the losses stay the golden ones and the
+    checkpoint's keys are the plain model's."""
+    compiled, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or real(model, backend="eager"))
+    model = sft(data_dir, "--max_iters=2", "--name=compiled", "--compile=True", "--eval_interval=100")
+    assert compiled == [model]
+    assert [r["loss"] for r in log(data_dir, "compiled")] == pytest.approx(GOLDEN_SFT_LOSSES[:2], rel=1e-5)
+    assert list(weights(data_dir, "compiled")) == list(model.state_dict())
 
 
 def interrupt_at(monkeypatch, step):

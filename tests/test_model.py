@@ -591,6 +591,7 @@ def test_offline_download_says_which_files_to_place_where(tmp_path, monkeypatch)
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     monkeypatch.setenv("EXGRPO_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)  # the default endpoint
     with pytest.raises(SystemExit, match=r"place config.json and model.safetensors from "
                                          r"https://huggingface.co/openai-community/gpt2 in .*gpt2 and rerun"):
         M.GPT.from_pretrained("gpt2")

@@ -1,0 +1,141 @@
+"""
+The GPU check: the GPU preset's pipeline top to bottom with reduced steps, timed and measured, into
+one JSON (the README's GPU section compares it with its estimate).
+
+    bash scripts/gpu_check.sh                   # one GPU: GPT-2 124M from OpenAI's weights, under 10 minutes
+    bash scripts/gpu_check.sh --device=cpu      # dry run: the same stages at a tiny shape, about a minute
+    bash scripts/gpu_check.sh --device=cpu --init=DIR   # the same at GPT-2 124M shapes from an HF folder
+
+The arguments are config files and --key=value flags, as for every stage: the stages get the same
+files (each takes the keys it knows) and --out_dir, --device, --init from here. The stages run in
+this process one after another: invert, EI-SFT, EXGRPO from the EI-SFT student, a linear probe of
+both, evaluate. So each stage's peak GPU memory is torch.cuda.max_memory_allocated() since it
+began. SFT tokens/s and the RL step times come from the stages' logs; rollout tokens/s counts every
+token the student wrote in sample_rollouts (both scenarios) over the seconds spent there.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distill_rl  # noqa: E402  (the repository root is on the path only now)
+import evaluate  # noqa: E402
+import invert  # noqa: E402
+import probe  # noqa: E402
+from configurator import atomic_write, parse_config  # noqa: E402
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/gpu_check"
+    device: str = "cuda"
+    init: str = "gpt2"                 # the SFT student's start: gpt2, an HF folder, or scratch (tiny)
+    result: str = ""                   # default: results/gpu_check.json on CUDA, else out_dir/gpu_check.json
+    probe_args: str = "--max_problems=200 --iters=200 --controls=1 --intervene_problems=20"  # for probe.py
+    evaluate_args: str = "--max_problems=20"  # for evaluate.py
+
+
+def in_stage(name, fn, report):
+    """Run fn, recording its wall time and (on CUDA) its peak allocated memory; returns fn's value."""
+    cuda = torch.cuda.is_available() and report["device"] != "cpu"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    value = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    report["stages"][name] = {"seconds": round(time.time() - t0, 2),
+                              "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+    return value
+
+
+def count_rollout_tokens(counter):
+    """Wrap distill_rl.sample_rollouts (rollout_batch looks it up at each call) so that it adds
+    the tokens the student wrote and the seconds it took to counter."""
+    real = distill_rl.sample_rollouts
+
+    def counted(model, tok, dialogues, cfg, seed):
+        t0 = time.time()
+        tokens, writer, final = real(model, tok, dialogues, cfg, seed)
+        counter["seconds"] += time.time() - t0  # .tolist() inside has synchronised the GPU
+        counter["tokens"] += sum(w != distill_rl.CONTEXT for ws in writer for w in ws)
+        return tokens, writer, final
+    distill_rl.sample_rollouts = counted
+
+
+def read_log(out_dir, name):
+    with open(os.path.join(out_dir, "logs", f"{name}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def steady(records, key):
+    """Median of key over the steps after the first (the first pays for warm-up and compilation)."""
+    values = [r[key] for r in records[1:] or records]
+    return round(statistics.median(values), 4)
+
+
+def accuracies(out_dir):
+    """{checkpoint: {split: accuracy}} from evaluate.py's results.json, every world pooled."""
+    with open(os.path.join(out_dir, "report", "results.json")) as f:
+        entries = json.load(f)["checkpoints"].values()
+    pooled = lambda e: {split: evaluate.pooled(cells) for split, cells in e["acc"].items()}
+    return {os.path.basename(e["path"])[:-3]: {split: round(acc, 4) for split, acc in pooled(e).items()
+                                               if acc is not None} for e in entries}
+
+
+def run(cfg, files):
+    """Every stage in order; returns the report."""
+    out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, "ckpt")
+    common = [f"--out_dir={out}", f"--device={cfg.device}"]
+    report = {"device": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu",
+              "torch": torch.__version__, "configs": files, "init": cfg.init, "stages": {}}
+    rollouts = {"tokens": 0, "seconds": 0.0}
+    count_rollout_tokens(rollouts)
+    t0 = time.time()
+    in_stage("invert", lambda: invert.build(parse_config(invert.Config(), files + common)), report)
+    student = in_stage("sft", lambda: distill_rl.main(files + common + [f"--init={cfg.init}", "--stage=sft",
+                                                                        "--data=ei"]), report)
+    report["model"] = dict(params_m=round(student.num_params() / 1e6, 2), **vars(student.config))
+    del student  # the RL stage loads the checkpoint: free the memory first
+    in_stage("rl", lambda: distill_rl.main(files + common + [f"--init={ckpt}/sft_ei.pt", "--stage=rl",
+                                                             "--algo=exgrpo"]), report)
+    in_stage("probe", lambda: probe.main([f"--checkpoints=ei_sft={ckpt}/sft_ei.pt,exgrpo={ckpt}/rl_exgrpo.pt",
+                                          f"--data={out}/data", "--world=coin", f"--out_dir={out}/probe",
+                                          f"--device={cfg.device}"] + cfg.probe_args.split()), report)
+    in_stage("evaluate", lambda: evaluate.main(common + cfg.evaluate_args.split()), report)
+    sft_log, rl_log = read_log(out, "sft_ei"), read_log(out, "rl_exgrpo")
+    report.update(
+        total_seconds=round(time.time() - t0, 1),
+        peak_memory_gb=max((s["peak_memory_gb"] or 0) for s in report["stages"].values()) or None,
+        sft_steps=len(sft_log), sft_tokens_per_s=steady(sft_log, "tokens_per_s"),
+        rl_steps=len(rl_log), rl_step_s=steady(rl_log, "time_step"),
+        rl_step_parts_s={part: steady(rl_log, f"time_{part}") for part in ("sample", "score", "update")},
+        rl_rollout_tokens_per_s=round(rollouts["tokens"] / max(rollouts["seconds"], 1e-9), 1),
+        rl_final=dict(reward=rl_log[-1]["reward"], acc_full=rl_log[-1]["acc_full"], val_acc=rl_log[-1].get("val_acc")),
+        sft_final_val_acc=sft_log[-1].get("val_acc"), accuracy=accuracies(out))
+    return report
+
+
+def main(argv):
+    cfg = parse_config(Config(), argv)
+    files = [a for a in argv if not a.startswith("--")]
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run on a GPU machine, or pass --device=cpu for the dry run")
+    report = run(cfg, files)
+    path = cfg.result or ("results/gpu_check.json" if cfg.device.startswith("cuda")
+                          else os.path.join(cfg.out_dir, "gpu_check.json"))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, json.dumps(report, indent=1) + "\n")
+    peak = f"{report['peak_memory_gb']} GB" if report["peak_memory_gb"] else "not measured on CPU"
+    print(f"wrote {path}: {report['total_seconds']} s, SFT {report['sft_tokens_per_s']:.0f} tokens/s, RL step "
+          f"{report['rl_step_s']:.2f} s, rollouts {report['rl_rollout_tokens_per_s']:.0f} tokens/s, peak memory {peak}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
