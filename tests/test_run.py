@@ -3,8 +3,9 @@ import os
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ["vanilla SFT (sft_qa)", "EI-SFT (sft_ei)", "SFT+GRPO (rl_grpo)", "EXGRPO w/o DSU bonus (rl_exgrpo_nobonus)",
-        "EXGRPO (rl_exgrpo)", "RL cold start (rl_cold)"]
+ROWS = ["vanilla SFT (sft_qa)", "EI-SFT (sft_ei)", "SFT + dialogue RL (rl_exgrpo_plain)",
+        "SFT + dialogue RL + aux (rl_exgrpo_nobonus)", "EXGRPO (rl_exgrpo)", "RL cold start (rl_cold)",
+        "SFT + GRPO (one turn) (rl_grpo)"]
 
 
 def test_run_sh_quick(tmp_path):
