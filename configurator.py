@@ -36,6 +36,7 @@ def cli(main):
 
 
 def describe(e):
+    """The one sentence cli() shows for a user's error."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "no space left on device" + (f" to write {e.filename}" if e.filename else "")
     if isinstance(e, OSError) and e.filename and e.strerror:  # raised by open(), os.*: name the path

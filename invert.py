@@ -53,6 +53,7 @@ class Config:
     overwrite: bool = False                   # may replace a data/ folder made with other settings
 
 
+# every number of Config: an interval (configurator.check_fields)
 LIMITS = dict(**dict.fromkeys(('n_train', 'min_events', 'max_events', 'long_min_events', 'long_max_events',
                                'teacher_batch', 'teacher_max_new_tokens'), '[1, inf)'),
               **dict.fromkeys(('n_val', 'n_test', 'n_ood', 'n_facts', 'seed', 'n_examples'), '[0, inf)'))
