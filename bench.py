@@ -11,15 +11,15 @@ repetitions after `warmup` untimed ones. On a shared machine other processes ske
 the header prints the load average and how busy the CPUs were just before the run; compare only
 numbers from the same run.
 """
+import importlib.util
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from configurator import parse_config, pick_device, set_threads
+from configurator import cli, parse_config, pick_device, set_threads
 from model import GPT, PRESETS, GPTConfig, sample_next
 
 
@@ -146,15 +146,18 @@ def bench_shape(name, cfg, device, with_hf):
     return config, rows
 
 
-if __name__ == "__main__":
-    cfg = parse_config(BenchConfig(), sys.argv[1:])
+LIMITS = dict(**dict.fromkeys(("batch", "seq_len", "gen_batch", "prompt_len", "new_tokens", "iters"), "[1, inf)"),
+              compact_vocab="[2, inf)", threads="[0, inf)", warmup="[0, inf)", seed="[0, inf)")
+
+
+def main(argv):
+    cfg = parse_config(BenchConfig(), argv, LIMITS)
+    unknown = [name for name in cfg.shapes.split(",") if name not in PRESETS]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
-    try:
-        import transformers
-        has_transformers = True
-    except ImportError:
-        has_transformers = False
+    has_transformers = importlib.util.find_spec("transformers") is not None
     busy = cpu_busy()
     print(f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} (1 min), "
@@ -174,3 +177,7 @@ if __name__ == "__main__":
         if cfg.nocache:
             print(f"{label:<12} {'KV cache speed-up':<18} {rows[1][1] / rows[2][1]:11.2f}x")
     print(f"load average after the run {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -40,7 +40,6 @@ checkpoint, frozen. The loss starts near 0 by construction: watch the reward.
 import copy
 import math
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -51,10 +50,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from configurator import mixed_precision, parse_config, pick_device, set_threads
+from configurator import cli, mixed_precision, parse_config, pick_device, set_threads
 from model import KVCache, pad_rows, sequence_logprobs
 from tasks import accuracy, greedy_answers, is_correct, prompt_ids, response_ids
-from training import Run, all_reduce_sum, check_config, init_student, load_data, optimizer_step, setup_ddp, unwrap
+from training import (Run, all_reduce_sum, check_config, init_student, load_data, optimizer_step, run_lock, setup_ddp,
+                      unwrap)
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Config:
     stage: str = "sft"                # sft | rl
     name: str = ""                    # checkpoint/log name; default sft_<data> or rl_<algo>
     init: str = "scratch"             # scratch (compact vocab) | a checkpoint .pt | gpt2 | an HF folder
-    worlds: str = "arith,coin,date,swap"  # comma-separated worlds of the data to use
+    worlds: str = ""                  # comma-separated worlds of the data to use; "" = every world in it
     seed: int = 1337                  # every draw (init, batches, rollouts) derives from it
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch threads; 0 = torch's default
@@ -119,7 +119,8 @@ class Config:
     micro_batch: int = 64             # rows per forward/backward in the RL update
     # bookkeeping
     ckpt_interval: int = 0            # also checkpoint every N steps (0: only at the end)
-    resume: bool = False              # continue from ckpt/<name>.pt when it exists
+    resume: bool = False              # continue from ckpt/<name>.pt (none there: start from step 0, with a note)
+    overwrite: bool = False           # a fresh run may replace the checkpoint and log of an earlier one
 
 # --- Eq. 2: the difficulty filter ------------------------------------------------------------
 
@@ -568,8 +569,7 @@ def main(argv):
     """Train as the config says; returns the trained model (unwrapped from DDP)."""
     cfg = parse_config(Config(), argv)
     rank, world_size, device = setup_ddp(pick_device(cfg.device))
-    check_config(cfg, world_size)
-    cfg.name = cfg.name or (f"sft_{cfg.data}" if cfg.stage == "sft" else f"rl_{cfg.algo}")
+    check_config(cfg, world_size)  # ranges, cross-field checks, the run's name, no fresh run over an old one
     set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     raw_model, tok = init_student(cfg, device)
@@ -578,11 +578,12 @@ def main(argv):
               f"init {cfg.init}, device {device}, {torch.get_num_threads()} threads")
     model = DistributedDataParallel(raw_model) if world_size > 1 else raw_model
     model = torch.compile(model) if cfg.compile else model  # what the gradient flows through; unwrap() undoes it
-    (train_sft if cfg.stage == "sft" else train_rl)(cfg, model, tok, device, rank, world_size)
+    with run_lock(cfg, rank):
+        (train_sft if cfg.stage == "sft" else train_rl)(cfg, model, tok, device, rank, world_size)
     if world_size > 1:
         dist.destroy_process_group()
     return raw_model
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

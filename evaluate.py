@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import statistics
-import sys
 from dataclasses import dataclass
 
 import matplotlib
@@ -27,9 +26,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from configurator import parse_config, pick_device, set_threads
+from configurator import atomic_write, cli, parse_config, pick_device, set_threads
 from model import load_model
 from tasks import EI_RULES, greedy_answers, is_correct, read_split
+from training import read_log
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Config:
     out_dir: str = "out/default"      # run folder; the report goes to out_dir/report
     runs: str = ""                    # comma-separated run folders (one per seed) to aggregate; default out_dir
     ckpts: str = ""                   # comma-separated names (looked up in every run) or .pt paths (on out_dir's data)
-    splits: str = "test_id,ood_long,ood_reverse,ood_names"
+    splits: str = ""                  # comma-separated; default every test split in the data (test_id, ood_*)
     worlds: str = ""                  # comma-separated; default every world in the data
     max_problems: int = 0             # per world and split; 0 = all
     max_new_tokens: int = 96          # ood_long rationales reach ~90 GPT-2 tokens
@@ -46,6 +46,9 @@ class Config:
     device: str = "auto"
     threads: int = 0                  # torch threads; 0 = torch's default
 
+
+LIMITS = dict(max_problems="[0, inf)", max_new_tokens="[1, inf)", batch_size="[1, inf)", threads="[0, inf)")
+TEST_SPLITS = ("test_id", "ood_long", "ood_reverse", "ood_names")
 
 # the paper's ablation rows in the order a reader expects them; other names follow alphabetically
 LABELS = {"sft_qa": "vanilla SFT", "sft_ei": "EI-SFT", "rl_exgrpo_plain": "SFT + dialogue RL",
@@ -75,13 +78,32 @@ def find_checkpoints(cfg, runs):
     return found
 
 
+def default_splits(runs):
+    """The test splits the run folders' data holds. None at all: test_id, so that reading it says
+    how to make it; a user's data with train only: stop with how to give it test records."""
+    splits = [s for s in TEST_SPLITS if any(os.path.isfile(os.path.join(r, "data", f"{s}.jsonl")) for r in runs)]
+    trained_only = [r for r in runs if os.path.isfile(os.path.join(r, "data", "train.jsonl"))]
+    if not splits and trained_only:
+        raise SystemExit(f"{os.path.join(trained_only[0], 'data')} has no test split: give some records of your JSONL "
+                         f'"split": "test_id" and rerun invert.py, or name --splits (e.g. --splits=val)')
+    return splits or ["test_id"]
+
+
 def load_data(run, splits, worlds, max_problems):
     """{split: records} of one run folder, restricted to the chosen worlds, the first max_problems
-    of each world (the JSONL order is the generator's, so this is the same subset every time)."""
+    of each world (the JSONL order is the generator's, so this is the same subset every time). A
+    world or split that matches nothing stops: a report is never replaced by an empty one."""
     data = {}
     for split in splits:
         seen, data[split] = {}, []
-        for r in read_split(os.path.join(run, "data"), split, worlds or None):
+        every, path = read_split(os.path.join(run, "data"), split), os.path.join(run, "data", f"{split}.jsonl")
+        present = sorted({r["world"] for r in every})
+        if not every:
+            raise SystemExit(f"{path} holds no problems")
+        if not set(worlds) <= set(present):
+            raise SystemExit(f"--worlds={','.join(worlds)}: {path} has no problems of "
+                             f"{', '.join(sorted(set(worlds) - set(present)))} (it has {', '.join(present)})")
+        for r in (r for r in every if not worlds or r["world"] in worlds):
             if not max_problems or seen.get(r["world"], 0) < max_problems:
                 seen[r["world"]] = seen.get(r["world"], 0) + 1
                 data[split].append(r)
@@ -288,7 +310,7 @@ def probe_section(methods, order, report_dir):
 
 def curve_section(methods, order, report_dir):
     """Training curves from every evaluated run's log: SFT and RL logs on separate figures."""
-    logs = [(m, [json.loads(line) for line in open(path) if line.strip()])
+    logs = [(m, read_log(path))
             for m in order for e in methods[m]
             for path in [os.path.join(e["run"], "logs", f"{m}.jsonl")] if os.path.isfile(path)]
     out = []
@@ -405,39 +427,44 @@ def write_report(cfg, runs, splits, entries, report_dir):
            + difference_section(methods, order, splits) + probe_section(methods, order, report_dir) + linear_probe_section(runs, report_dir)
            + curve_section(methods, order, report_dir)
            + efficiency_section(entries, report_dir))
-    with open(os.path.join(report_dir, "report.md"), "w") as f:
-        f.write("\n".join(out))
+    atomic_write(os.path.join(report_dir, "report.md"), "\n".join(out))
+
+
+def read_results(path, settings):
+    """The entries of an earlier results.json made with the same settings ({} otherwise)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        saved = json.load(open(path, encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path} is not valid JSON ({e}): delete it, or run without --reuse") from None
+    return saved.get("checkpoints", {}) if saved.get("settings") == settings else {}
 
 
 def main(argv):
-    cfg = parse_config(Config(), argv)
+    cfg = parse_config(Config(), argv, LIMITS)
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     runs = [r for r in cfg.runs.split(",") if r] or [cfg.out_dir]
-    splits = [s for s in cfg.splits.split(",") if s]
-    worlds = [w for w in cfg.worlds.split(",") if w]
     found = find_checkpoints(cfg, runs)
+    splits = [s for s in cfg.splits.split(",") if s] or default_splits(runs)
+    worlds = [w for w in cfg.worlds.split(",") if w]
+    data = {run: load_data(run, splits, worlds, cfg.max_problems) for run in dict.fromkeys(r for r, _, _ in found)}
     report_dir = os.path.join(cfg.out_dir, "report")
     os.makedirs(report_dir, exist_ok=True)
     results_path = os.path.join(report_dir, "results.json")
     settings = dict(splits=splits, worlds=worlds, max_problems=cfg.max_problems, max_new_tokens=cfg.max_new_tokens)
-    cached = {}
-    if cfg.reuse and os.path.isfile(results_path):
-        saved = json.load(open(results_path))
-        cached = saved["checkpoints"] if saved["settings"] == settings else {}
-    data, entries = {}, []
+    cached = read_results(results_path, settings) if cfg.reuse else {}
+    entries = []
     for run, name, path in found:
         now, entry = stamp(path, run, splits), cached.get(path)
         if entry is None or entry["stamp"] != now:
-            if run not in data:
-                data[run] = load_data(run, splits, worlds, cfg.max_problems)
             entry = dict(evaluate_checkpoint(path, run, data[run], cfg, device), stamp=now)
         entries.append(dict(entry, name=name))
-    with open(results_path, "w") as f:
-        json.dump({"settings": settings, "checkpoints": {e["path"]: e for e in entries}}, f, indent=1)
+    atomic_write(results_path, json.dumps({"settings": settings, "checkpoints": {e["path"]: e for e in entries}}, indent=1))
     write_report(cfg, runs, splits, entries, report_dir)
     print(f"wrote {os.path.join(report_dir, 'report.md')} ({len(entries)} checkpoints)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -12,7 +12,7 @@ import urllib.request
 
 import torch
 
-from configurator import atomic_write
+from configurator import UserError, atomic_write
 
 # n_head and n_embd of the four OpenAI GPT-2 sizes (the same as model.PRESETS)
 OPENAI_SIZES = {"gpt2": (12, 768), "gpt2-medium": (16, 1024), "gpt2-large": (20, 1280), "gpt2-xl": (25, 1600)}
@@ -27,24 +27,24 @@ def read_safetensors(path):
         data = f.read()
     n = int.from_bytes(data[:8], "little")
     if 8 + n > len(data):
-        raise ValueError(f"{path} is truncated: header of {n} bytes, file of {len(data)} bytes")
+        raise UserError(f"{path} is truncated: header of {n} bytes, file of {len(data)} bytes")
     try:
         header = json.loads(data[8:8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} does not start with a safetensors JSON header ({e})") from None
+        raise UserError(f"{path} does not start with a safetensors JSON header ({e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path} does not start with a safetensors JSON header (a JSON object of tensors)")
+        raise UserError(f"{path} does not start with a safetensors JSON header (a JSON object of tensors)")
     body, tensors = memoryview(data)[8 + n:], {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info.get("dtype") not in ST_DTYPES:
-            raise ValueError(f"tensor {name} in {path} has dtype {info.get('dtype')}; supported: F32, F16, BF16")
+            raise UserError(f"tensor {name} in {path} has dtype {info.get('dtype')}; supported: F32, F16, BF16")
         (begin, end), dtype = info["data_offsets"], ST_DTYPES[info["dtype"]]
         if end > len(body):
-            raise ValueError(f"{path} is truncated: tensor {name} ends at byte {end}, data has {len(body)}")
+            raise UserError(f"{path} is truncated: tensor {name} ends at byte {end}, data has {len(body)}")
         if (end - begin) != math.prod(info["shape"]) * dtype.itemsize:
-            raise ValueError(f"tensor {name} in {path}: {end - begin} bytes do not hold shape {info['shape']}")
+            raise UserError(f"tensor {name} in {path}: {end - begin} bytes do not hold shape {info['shape']}")
         t = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         tensors[name] = t.reshape(info["shape"])
     return tensors
@@ -54,7 +54,7 @@ def gpt2_config(folder, tensors, file):
     """GPTConfig fields of GPT-2 tensors: sizes from the tensors, n_head from config.json beside
     them (or, for a bare file, from the four OpenAI sizes)."""
     if "wte.weight" not in tensors or "wpe.weight" not in tensors:
-        raise ValueError(f"{file} has no tensor wte.weight / wpe.weight: not a GPT-2 checkpoint")
+        raise UserError(f"{file} has no tensor wte.weight / wpe.weight: not a GPT-2 checkpoint")
     vocab, n_embd = tensors["wte.weight"].shape
     n_layer = 1 + max((int(k.split(".")[1]) for k in tensors if k.startswith("h.")), default=-1)
     cfg_path = os.path.join(folder, "config.json")
@@ -62,12 +62,12 @@ def gpt2_config(folder, tensors, file):
         hf_config = json.load(open(cfg_path))
         n_head = hf_config["n_head"]
         if hf_config.get("n_layer", n_layer) != n_layer:
-            raise ValueError(f"{cfg_path} says n_layer={hf_config['n_layer']}, but {file} has tensors for "
+            raise UserError(f"{cfg_path} says n_layer={hf_config['n_layer']}, but {file} has tensors for "
                              f"{n_layer} layers: the file is incomplete or does not belong to this config")
     else:
         known = {n_embd: n_head for n_head, n_embd in OPENAI_SIZES.values()}
         if n_embd not in known:
-            raise ValueError(f"{file} has no config.json beside it to say n_head for n_embd={n_embd}")
+            raise UserError(f"{file} has no config.json beside it to say n_head for n_embd={n_embd}")
         n_head = known[n_embd]
     return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab,
                 block_size=tensors["wpe.weight"].shape[0])

@@ -2,7 +2,7 @@
 
     python invert.py                                    # the oracle teacher, all four worlds
     python invert.py --teacher=out/x/ckpt/sft_ei.pt     # a checkpoint of ours as the teacher
-    python invert.py --input_jsonl=mine.jsonl           # a user's records -> train.jsonl
+    python invert.py --input_jsonl=mine.jsonl           # a user's records -> out/user-mine/data
 
 Problems (tasks.py) -> the teacher's rationale (a problem it gets wrong is dropped) -> the EI rules
 -> the teacher answers each EI probe (a probe it gets wrong is dropped) -> consistency filter (Eq. 1:
@@ -11,9 +11,9 @@ the teacher re-answers Q with the probe dialogue in front; the probe stays only 
 The teacher filters shape the training data only: val, test_id and the OOD splits keep every problem
 with the exact rationale and exact EI probes, so every method is measured on the same yardstick.
 """
+import glob
 import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import tasks
-from configurator import atomic_write, parse_config
+from configurator import atomic_write, cli, parse_config, pick_device
 from model import load_model
 from tokenizer import decode_generated, get_tokenizer
 from tasks import SPLITS, dialogue_ids, is_correct, load_records, prompt_ids, response_ids
@@ -30,7 +30,8 @@ from tasks import SPLITS, dialogue_ids, is_correct, load_records, prompt_ids, re
 
 @dataclass
 class Config:
-    out_dir: str = 'out/default'              # writes out_dir/data/{split}.jsonl and stats.json
+    out_dir: str = ''                         # writes out_dir/data/{split}.jsonl and stats.json; default
+                                              # out/default, or out/user-<file stem> with input_jsonl
     worlds: str = 'arith,coin,date,swap'      # comma-separated worlds of tasks.py
     n_train: int = 2000                       # problems per world in train
     n_val: int = 200                          # ... in val and in each validation copy val_ood_*
@@ -53,6 +54,14 @@ class Config:
     device: str = 'cpu'
     input_jsonl: str = ''                     # a user's JSONL (question, answer, rationale, probes) instead
     n_examples: int = 1                       # examples printed per world
+    overwrite: bool = False                   # may replace a data/ folder made with other settings
+
+
+# every number of Config: an interval (configurator.check_fields)
+LIMITS = dict(**dict.fromkeys(('n_train', 'min_events', 'max_events', 'long_min_events', 'long_max_events',
+                               'teacher_batch', 'teacher_max_new_tokens'), '[1, inf)'),
+              **dict.fromkeys(('n_val', 'n_test', 'n_ood', 'n_facts', 'seed', 'n_examples'), '[0, inf)'))
+SAME_DATA_IGNORES = ('out_dir', 'n_examples', 'overwrite', 'device')  # settings that do not change the data
 
 
 class CheckpointTeacher:
@@ -175,18 +184,44 @@ def synthetic(cfg, worlds, rules):
 
 
 def user_data(cfg):
-    """The user's records as the training split; with a checkpoint teacher, through the consistency filter
-    (the oracle only knows tasks.py's questions, so with it the user's probes are kept as they are)."""
-    records = [{**r, 'split': 'train'} for r in load_records(cfg.input_jsonl)]
+    """The user's records, each in its split (train unless it says otherwise: test_id records are what
+    evaluate.py scores); with a checkpoint teacher, train through the consistency filter (the oracle only
+    knows tasks.py's questions, so with it the user's probes are kept as they are)."""
+    data = {}
+    for r in load_records(cfg.input_jsonl):
+        if r['split'] not in SPLITS:
+            raise SystemExit(f"{cfg.input_jsonl}: record {r['id']} has split {r['split']!r}; "
+                             f"the splits are {', '.join(SPLITS)}")
+        data.setdefault(r['split'], []).append(r)
+    if not data.get('train'):
+        raise SystemExit(f'{cfg.input_jsonl} has no training records (those without a split, or with split train)')
+    data = {s: data[s] for s in SPLITS if s in data}
     if cfg.teacher == 'oracle':
-        return {'train': records}, {'consistency_filter': 'skipped: the oracle only knows tasks.py questions'}
+        return data, {'consistency_filter': 'skipped: the oracle only knows tasks.py questions'}
     teacher = CheckpointTeacher(cfg.teacher, cfg.device, cfg.teacher_batch, cfg.teacher_max_new_tokens)
-    records, removed = consistency_filter(teacher, records)
-    return {'train': records}, {'train_filters': {'removed_inconsistent': removed}}
+    data['train'], removed = consistency_filter(teacher, data['train'])
+    return data, {'train_filters': {'removed_inconsistent': removed}}
+
+
+def check_data_folder(cfg, folder):
+    """Stop before replacing a data/ folder made with other settings (another run's data, or a user's),
+    unless --overwrite=True: the checkpoints beside it were trained on that data."""
+    if cfg.overwrite or not glob.glob(os.path.join(folder, '*.jsonl')):
+        return
+    path, ours = os.path.join(folder, 'stats.json'), asdict(cfg)
+    try:
+        old = json.load(open(path, encoding='utf-8'))['config']
+    except (OSError, ValueError, KeyError, TypeError):
+        old = {}  # no readable stats.json: data of unknown settings
+    differ = [k for k in ours if k not in SAME_DATA_IGNORES and old.get(k) != ours[k]]
+    if differ:
+        raise SystemExit(f"{folder} holds data made with other settings ({', '.join(differ[:4])} differ): pass "
+                         f"--overwrite=True to replace it, or choose another --out_dir")
 
 
 def build(cfg):
-    """Write out_dir/data/*.jsonl and stats.json; return (data, stats)."""
+    """Write out_dir/data/*.jsonl and stats.json (never over data made with other settings, unless
+    cfg.overwrite); return (data, stats)."""
     worlds, rules = cfg.worlds.split(','), cfg.rules.split(',')
     for what, names, known in (('world', worlds, tasks.WORLDS), ('rule', rules, tasks.EI_RULES)):
         if not set(names) <= set(known):
@@ -194,11 +229,18 @@ def build(cfg):
     if not 1 <= cfg.min_events <= cfg.max_events < cfg.long_min_events <= cfg.long_max_events <= len(tasks.ORD):
         raise SystemExit('need 1 <= min_events <= max_events < long_min_events <= long_max_events <= 10 '
                          '(ood_long must be longer than every training problem)')
-    data, stats = user_data(cfg) if cfg.input_jsonl else synthetic(cfg, worlds, rules)
+    stem = os.path.splitext(os.path.basename(cfg.input_jsonl))[0]
+    cfg.out_dir = cfg.out_dir or (f'out/user-{stem}' if cfg.input_jsonl else 'out/default')
     folder = os.path.join(cfg.out_dir, 'data')
+    check_data_folder(cfg, folder)
+    data, stats = user_data(cfg) if cfg.input_jsonl else synthetic(cfg, worlds, rules)
     os.makedirs(folder, exist_ok=True)
-    for split, recs in data.items():
-        write_jsonl(os.path.join(folder, f'{split}.jsonl'), recs)
+    for split in SPLITS:  # with --overwrite, a split of the old data that the new one lacks goes too
+        path = os.path.join(folder, f'{split}.jsonl')
+        if split in data:
+            write_jsonl(path, data[split])
+        elif os.path.exists(path):
+            os.remove(path)
     stats = {'config': asdict(cfg),
              'splits': {s: {w: {'problems': sum(r['world'] == w for r in recs),
                                 'probes': sum(len(r['probes']) for r in recs if r['world'] == w)}
@@ -229,9 +271,14 @@ def report(data, stats, cfg):
         print(f'tokens {what:20s} ' + ' '.join(f'{k} {v}' for k, v in p.items()))
 
 
-if __name__ == '__main__':
-    cfg = parse_config(Config(), sys.argv[1:])
+def main(argv):
+    cfg = parse_config(Config(), argv, LIMITS)
+    cfg.device = pick_device(cfg.device)
     t0 = time.time()
     data, stats = build(cfg)
     report(data, stats, cfg)
     print(f"wrote {os.path.join(cfg.out_dir, 'data')} in {time.time() - t0:.1f} s")
+
+
+if __name__ == '__main__':
+    cli(main)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import atomic_write, parse_config, pick_device
+from configurator import UserError, atomic_write, cli, parse_config, pick_device
 from gpt2_files import CONV1D_WEIGHTS, read_gpt2
 from tokenizer import decode_generated, get_tokenizer, tokenizer_from_state
 
@@ -192,7 +192,7 @@ class GPT(nn.Module):
         elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
         if positions.max() >= self.config.block_size:
-            raise ValueError(f"position {int(positions.max())} is past block_size {self.config.block_size}")
+            raise UserError(f"position {int(positions.max())} is past block_size {self.config.block_size}: shorten the input")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         hidden = [x] if return_hidden else None
         for layer, block in enumerate(self.transformer.h):
@@ -231,7 +231,7 @@ class GPT(nn.Module):
         longest = max(int(lengths.max()), 1)
         past = 0 if kv_cache is None else int(kv_cache.n_real.max())
         if past + longest + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {past + longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+            raise UserError(f"prompt of {past + longest} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"block_size {self.config.block_size}; shorten the prompt or max_new_tokens")
         if kv_cache is not None and (num_samples != 1 or kv_cache.k.size(1) != len(prompts)):
             raise ValueError("continuing a KV cache needs one prompt per cached row and num_samples=1")
@@ -282,14 +282,14 @@ class GPT(nn.Module):
         ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
         missing, extra = sorted(set(ours) - set(tensors)), sorted(set(tensors) - set(ours))
         if missing:
-            raise ValueError(f"{file} has no tensor {missing[0]} (of {len(missing)} missing)")
+            raise UserError(f"{file} has no tensor {missing[0]} (of {len(missing)} missing)")
         if extra:
-            raise ValueError(f"{file} has tensor {extra[0]} that a GPT-2 model does not have")
+            raise UserError(f"{file} has tensor {extra[0]} that a GPT-2 model does not have")
         with torch.no_grad():
             for key, target in ours.items():
                 t = tensors[key].t() if key.endswith(CONV1D_WEIGHTS) else tensors[key]
                 if t.shape != target.shape:
-                    raise ValueError(f"tensor {key} in {file} has shape {tuple(t.shape)}, "
+                    raise UserError(f"tensor {key} in {file} has shape {tuple(t.shape)}, "
                                      f"expected {tuple(target.shape)}")
                 target.copy_(t.float())
         return model
@@ -358,9 +358,9 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by save_checkpoint")
+        raise UserError(f"{path} is not a checkpoint written by save_checkpoint")
     return ckpt
 
 
@@ -370,11 +370,11 @@ def load_state(model, state, source):
     ours = model.state_dict()
     for key in list(state) + sorted(set(ours) - set(state)):
         if key not in state:
-            raise ValueError(f"{source} has no tensor {key} that this model needs")
+            raise UserError(f"{source} has no tensor {key} that this model needs")
         if key not in ours:
-            raise ValueError(f"{source} has tensor {key}, which this model ({model.config}) does not")
+            raise UserError(f"{source} has tensor {key}, which this model ({model.config}) does not")
         if ours[key].shape != state[key].shape:
-            raise ValueError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, this model "
+            raise UserError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, this model "
                              f"expects {tuple(ours[key].shape)} ({model.config})")
     model.load_state_dict(state)
 
@@ -382,7 +382,7 @@ def load_state(model, state, source):
 def load_model(path_or_name, device="cpu"):
     """(model, tokenizer, checkpoint or None) from one of our .pt checkpoints, a GPT-2 preset
     name, a Hugging Face folder or a model.safetensors file."""
-    if os.path.isfile(path_or_name) and path_or_name.endswith(".pt"):
+    if path_or_name.endswith(".pt"):  # ours: load_checkpoint says when it is missing
         ckpt = load_checkpoint(path_or_name, device)
         model = GPT(GPTConfig(**ckpt["config"]))
         load_state(model, ckpt["model"], path_or_name)
@@ -402,17 +402,20 @@ class SampleConfig:
     device: str = "auto"
 
 
-if __name__ == "__main__":
-    cfg = parse_config(SampleConfig(), sys.argv[1:])
+LIMITS = dict(num_samples="[1, inf)", max_new_tokens="[1, inf)", temperature="[0, inf)", top_k="[0, inf)", seed="[0, inf)")
+
+
+def main(argv):
+    cfg = parse_config(SampleConfig(), argv, LIMITS)
     model, tok, ckpt = load_model(cfg.init, pick_device(cfg.device))
     source = f"checkpoint step {ckpt['step']}" if ckpt else "GPT-2 weights"
     print(f"loaded {cfg.init} ({source}): {model.num_params() / 1e6:.2f}M parameters, {model.config}")
-    text = cfg.prompt.encode().decode("unicode_escape")  # "\n" typed on the command line
-    try:
-        prompt = tok.encode(text)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    tokens, mask = model.generate([prompt], cfg.max_new_tokens, num_samples=cfg.num_samples,
+    text = cfg.prompt.replace("\\n", "\n")  # "\n" typed on the command line; any other text stays as typed
+    tokens, mask = model.generate([tok.encode(text)], cfg.max_new_tokens, num_samples=cfg.num_samples,
                                   temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed, eot=tok.eot)
     for sample in decode_generated(tok, tokens, mask):
         print("-" * 60 + "\n" + text + sample)
+
+
+if __name__ == "__main__":
+    cli(main)

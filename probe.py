@@ -44,7 +44,6 @@ import json
 import os
 import random
 import re
-import sys
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -56,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import parse_config, pick_device, set_threads
+from configurator import atomic_write, cli, parse_config, pick_device, set_threads
 from model import GPT, load_model, pad_rows
 from tasks import is_correct, load_records, prompt_ids
 from tokenizer import decode_generated
@@ -91,6 +90,9 @@ class Config:
 
 
 POSITIONS, TARGETS = ("event", "last", "prompt"), ("state", "answer")
+LIMITS = dict(target=TARGETS, positions=POSITIONS, train_frac="(0, 1)", lr="(0, inf)",
+              **dict.fromkeys(("batch_size", "iters", "controls", "intervene_problems", "max_new_tokens"), "[1, inf)"),
+              **dict.fromkeys(("max_problems", "seed", "weight_decay", "threads"), "[0, inf)"))
 INTERVENE_WORLDS = ("coin", "swap")  # where a latent state implies one answer (arith's last digit and date's month do not)
 
 # ---------------------------------------------------------------------------------------------
@@ -500,15 +502,24 @@ def save(fig, path):
     plt.close(fig)  # pyplot keeps every open figure alive otherwise
 
 
+def check_lists(cfg):
+    """alphas and intervene_layers are comma-separated numbers."""
+    for key, kind in (("alphas", float), ("intervene_layers", int)):
+        try:
+            [kind(x) for x in getattr(cfg, key).split(",") if x]
+        except ValueError:
+            raise SystemExit(f"--{key}={getattr(cfg, key)} must be comma-separated {kind.__name__}s") from None
+
+
 def main(argv):
-    cfg = parse_config(Config(), argv)
+    cfg = parse_config(Config(), argv, LIMITS)
+    check_lists(cfg)
     set_threads(cfg.threads)
     path, records = select_records(cfg)
     result = run_probes(cfg, parse_checkpoints(cfg.checkpoints), path, records)
     os.makedirs(cfg.out_dir, exist_ok=True)
     stem = os.path.join(cfg.out_dir, f"probe_{cfg.world}_{cfg.target}_{cfg.positions}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write(stem + ".json", json.dumps(result, indent=1))
     plot(result, stem)
     print(f"majority baseline {result['majority_acc']:.3f} ({result['test_rows']} test rows, "
           f"{result['test_problems']} problems); wrote {stem}*.json and .png")
@@ -520,4 +531,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

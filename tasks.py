@@ -780,10 +780,14 @@ def load_records(path, world=None):
     """The records of a JSONL file (ours, or a user's with question, answer, rationale and optional
     probes, id, world), checked line by line; optionally only one world's."""
     if not os.path.isfile(path):
-        raise SystemExit(f'{path} does not exist')
+        raise SystemExit(f'{path} is not a file' if os.path.exists(path) else f'{path} does not exist')
     out = []
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
+    with open(path, 'rb') as f:  # bytes, decoded line by line: a bad encoding is named with its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode('utf-8')
+            except UnicodeDecodeError:
+                raise SystemExit(f'{path}:{n}: not UTF-8 text; save the file as UTF-8') from None
             if line.strip():
                 try:
                     r = json.loads(line)

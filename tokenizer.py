@@ -12,6 +12,8 @@ import os
 
 import tiktoken
 
+from configurator import UserError
+
 GPT2_EOT = 50256
 # tiktoken's published sha256 of OpenAI's original GPT-2 files (tiktoken_ext/openai_public.py)
 GPT2_BPE_SHA256 = {
@@ -108,7 +110,7 @@ class CompactTokenizer:
         out = []
         for g in self.gpt2.encode(text):
             if g not in self.to_compact:
-                raise ValueError(f"token {self.gpt2.decode([g])!r} (GPT-2 id {g}) of {text[:60]!r} is not in "
+                raise UserError(f"token {self.gpt2.decode([g])!r} (GPT-2 id {g}) of {text[:60]!r} is not in "
                                  f"this compact vocabulary; rebuild it from texts that include it")
             out.append(self.to_compact[g])
         return out
@@ -125,7 +127,7 @@ def tokenizer_from_state(state):
         return get_tokenizer()
     if state["kind"] == "compact":
         return CompactTokenizer(state["ids"])
-    raise ValueError(f"unknown tokenizer kind {state['kind']!r}")
+    raise UserError(f"unknown tokenizer kind {state['kind']!r}")
 
 
 def decode_generated(tok, tokens, mask):
