@@ -60,7 +60,8 @@ class Config:
 # every number of Config: an interval (configurator.check_fields)
 LIMITS = dict(**dict.fromkeys(('n_train', 'min_events', 'max_events', 'long_min_events', 'long_max_events',
                                'teacher_batch', 'teacher_max_new_tokens'), '[1, inf)'),
-              **dict.fromkeys(('n_val', 'n_test', 'n_ood', 'n_facts', 'seed', 'n_examples'), '[0, inf)'))
+              **dict.fromkeys(('n_val', 'n_test', 'n_ood', 'min_facts', 'max_facts', 'long_min_facts',
+                               'long_max_facts', 'seed', 'n_examples'), '[0, inf)'), reverse_share='[0, 1]')
 SAME_DATA_IGNORES = ('out_dir', 'n_examples', 'overwrite', 'device')  # settings that do not change the data
 
 

@@ -24,7 +24,7 @@ from model import GPT, GPTConfig, PRESETS, save_checkpoint
 from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NANO = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=384", "--threads=1", "--device=cpu",
+NANO = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=768", "--threads=1", "--device=cpu",
         "--batch_size=4", "--eval_problems=4", "--max_new_tokens=16", "--eval_interval=1000", "--seed=1"]
 EVAL = ["--max_problems=2", "--max_new_tokens=8", "--device=cpu", "--threads=1"]
 
@@ -137,8 +137,8 @@ def test_missing_config_file(capsys, tmp_path):
 
 def test_rl_dialogue_longer_than_the_block_is_refused_up_front(capsys, run_dir):
     before = snapshot(run_dir)
-    fails(capsys, "distill_rl.py", f"--out_dir={run_dir}", "--stage=rl", "--k=30", *NANO,
-          says=["31 answers of --max_new_tokens=16 do not fit the student's block_size 384"])
+    fails(capsys, "distill_rl.py", f"--out_dir={run_dir}", "--stage=rl", "--k=60", *NANO,
+          says=["61 answers of --max_new_tokens=16 do not fit the student's block_size 768"])
     assert snapshot(run_dir) == before
 
 
@@ -230,8 +230,8 @@ def test_out_dir_under_a_file_and_unreadable_data(capsys, tmp_path, trained, mon
 def test_model_prompt_errors(capsys, trained):
     ckpt = os.path.join(trained, "ckpt", "base.pt")
     fails(capsys, "model.py", f"--init={ckpt}", "--prompt=Q: Zoltan owns a zebra", says=["is not in this compact"])
-    fails(capsys, "model.py", f"--init={ckpt}", "--prompt=Q:", "--max_new_tokens=400",
-          says=["max_new_tokens=400 exceeds block_size 384"])
+    fails(capsys, "model.py", f"--init={ckpt}", "--prompt=Q:", "--max_new_tokens=800",
+          says=["max_new_tokens=800 exceeds block_size 768"])
 
 
 def test_model_prompt_keeps_non_ascii_text(capsys, tmp_path):
