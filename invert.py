@@ -42,6 +42,7 @@ class Config:
     long_max_events: int = 7
     min_facts: int = 1                        # distractor facts per problem (the premise rule asks about one)
     max_facts: int = 8                        # ... up to: long questions train the positions ood_long needs
+    facts_decay: float = 1.0                  # each count of facts this times as likely as one fewer (< 1: short)
     long_min_facts: int = 0                   # ... per ood_long problem: fewer, to stay inside those lengths
     long_max_facts: int = 1
     reverse_share: float = 0.05               # train questions asked backwards (ood_reverse's rare skill)
@@ -164,7 +165,8 @@ def synthetic(cfg, worlds, rules):
     for world in worlds:
         problems = tasks.make_dataset(world, sizes, cfg.seed, (cfg.min_events, cfg.max_events),
                                       (cfg.long_min_events, cfg.long_max_events), (cfg.min_facts, cfg.max_facts),
-                                      (cfg.long_min_facts, cfg.long_max_facts), cfg.reverse_share)
+                                      (cfg.long_min_facts, cfg.long_max_facts), cfg.reverse_share,
+                                      cfg.facts_decay)
         for split, ps in problems.items():
             recs = [tasks.to_record(p, tasks.ei_probes(p, rules, cfg.seed))
                     for p in tqdm(ps, desc=f'{world} {split}', leave=False)]

@@ -260,6 +260,69 @@ class Coin(World):
         return alt if alt.events != p.events else None
 
 
+class Light(World):
+    """coin with three states: each press moves the light one colour along red -> green -> blue -> red.
+    The same local update as coin (read the event, step the state), with three answers (chance 1/3)
+    and a random first colour, so every answer is equally likely."""
+    name, latent_name = 'light', 'colour'
+    COLOURS = ('red', 'green', 'blue')
+    INIT = ('A light is {s}.', 'The light starts {s}.')
+    EVENT = {'press': ('{n} presses the button.', '{n} pushes the button.'),
+             'keep': ('{n} does not press the button.', '{n} leaves the button alone.')}
+
+    def sample(self, rng, n, pool, reverse):
+        return {}, rng.choice(self.COLOURS), [(rng.choice(['press', 'keep']), name) for name in rng.sample(NAMES[pool], n)]
+
+    def step(self, s, e): return s if e[0] == 'keep' else self.COLOURS[(self.COLOURS.index(s) + 1) % 3]
+    def people(self, p): return [e[1] for e in p.events]
+    def init_text(self, p, s, t): return self.INIT[t % 2].format(s=s)
+    def event_text(self, p, e, t): return self.EVENT[e[0]][t % 2].format(n=e[1])
+    def ask(self, p, when): return f'What colour is the light {when}?'
+    def now_text(self, p, s): return f'Now the light is {s}.'
+    def back_query(self, p): return 'What colour was the light at first?'
+    def step_text(self, a, e, b, p): return f"{e[1]} {'presses' if e[0] == 'press' else 'does not press'}, {b}."
+    def undo_text(self, b, e, a, p): return f'Undo {e[1]}: {a}.'
+    def answer(self, p, s): return s
+    def latent(self, p, s): return s
+    def claim(self, p, v): return f'the light is {v}'
+    def what(self, p): return 'the colour of the light'
+    def wrong(self, p, s, rng): return rng.choice(others(self.COLOURS, [s]))
+
+    def effect(self, p, e):
+        if e[0] == 'press':
+            return 'Does it change the colour?', 'Pressing moves the light to the next colour.', 'yes'
+        return 'Does it change the colour?', 'Not pressing leaves the light as it is.', 'no'
+
+    def compare(self, p, states):
+        c = sum(e[0] == 'press' for e in p.events)
+        return ('Is the light the same colour now as before the events?',
+                f"The button is pressed {plural(c, 'time')}, and {c} is {'' if c % 3 == 0 else 'not '}a multiple of 3.",
+                'yes' if c % 3 == 0 else 'no')
+
+    def cause(self, p, states):
+        presses = [i for i, e in enumerate(p.events) if e[0] == 'press']
+        if not presses:
+            return None
+        i = presses[-1]
+        who = p.events[i][1]
+        return 'Who is the last person to press the button?', f'The last press is the {ORD[i]} event, by {who}.', who
+
+    def premise(self, p, states, rng):
+        pressers = [e[1] for e in p.events if e[0] == 'press']
+        return ('person', rng.choice(pressers), 'the colour of the light') if pressers else None
+
+    def perturb(self, p, rng):
+        i = rng.randrange(len(p.events))
+        e = ({'press': 'keep', 'keep': 'press'}[p.events[i][0]], p.events[i][1])
+        return replace(p, events=p.events[:i] + [e] + p.events[i + 1:]), self.event_text(p, e, p.tpl[i + 1])
+
+    def analogue(self, p, rng):
+        fresh = others(NAMES['train'], self.people(p))
+        names = rng.sample(fresh if len(fresh) >= len(p.events) else NAMES['train'], len(p.events))
+        alt = replace(p, init=rng.choice(self.COLOURS), events=[(e[0], name) for e, name in zip(p.events, names)])
+        return alt if (alt.init, alt.events) != (p.init, p.events) else None
+
+
 class Date(World):
     name, latent_name = 'date', 'month'
     INIT = ("{h}'s {thing} is on {d}.", '{h} plans a {thing} for {d}.')
@@ -435,7 +498,7 @@ class Swap(World):
         return replace(p, ctx=ctx, init=tuple(objects))
 
 
-WORLDS = {w.name: w for w in (Arith(), Coin(), Date(), Swap())}
+WORLDS = {w.name: w for w in (Arith(), Coin(), Light(), Date(), Swap())}
 
 
 def chain(p, events=None):
@@ -536,11 +599,19 @@ def span(n):
     return (n, n) if isinstance(n, int) else tuple(n)
 
 
+def draw_count(rng, lo, hi, decay=1.0):
+    """A count in lo..hi, each one `decay` times as likely as the one before (1: uniform). With decay < 1
+    most questions are short and a few are long: the long ones still train the late positions."""
+    if decay == 1.0:
+        return rng.randint(lo, hi)
+    return rng.choices(range(lo, hi + 1), weights=[decay ** (n - lo) for n in range(lo, hi + 1)])[0]
+
+
 def make_dataset(world, sizes, seed, events=(2, 4), long_events=(6, 7), n_facts=1, long_facts=None,
-                 reverse_share=0.0):
+                 reverse_share=0.0, facts_decay=1.0):
     """{split: [Problem]} for the splits in `sizes` ({split: n}), each from its own seeded stream.
     Every split draws its event count from `events` and its number of distractor facts from `n_facts`
-    (a count or a (lo, hi) range), except ood_long: `long_events` events and `long_facts` facts (default
+    (a count or a (lo, hi) range, each count `facts_decay` times as likely as the one before), except ood_long: `long_events` events and `long_facts` facts (default
     n_facts; fewer facts keep its longer chains inside the token lengths training covers). ood_reverse
     asks backwards, and a `reverse_share` of the train questions too (the rare-skill regime: every
     method sees the same few). ood_names fills the asked roles from the OOD pools. val_<split> is a
@@ -558,7 +629,8 @@ def make_dataset(world, sizes, seed, events=(2, 4), long_events=(6, 7), n_facts=
                 raise SystemExit(f'cannot make {sizes[split]} distinct {world} problems for {split}: ask for fewer')
             reverse = kind == 'ood_reverse' or (kind == 'train' and rng.random() < reverse_share)
             p = make_problem(world, split, len(out[split]), rng, rng.randint(lo, hi),
-                             'ood' if kind == 'ood_names' else 'train', reverse, rng.randint(*facts))
+                             'ood' if kind == 'ood_names' else 'train', reverse,
+                             draw_count(rng, *facts, 1.0 if kind == 'ood_long' else facts_decay))
             if question(p) not in seen:
                 seen.add(question(p))
                 out[split].append(p)
