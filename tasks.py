@@ -1,17 +1,19 @@
 """The synthetic reasoning worlds, their exact solver (the oracle teacher) and the ten EI rules.
 
-Four state-tracking worlds, each problem a structured record (initial state, ordered events,
+Five state-tracking worlds, each problem a structured record (initial state, ordered events,
 distractor facts, template choices) rendered to one line of text, solved exactly and explained by a
 short rationale ending "The answer is X.":
   arith  a quantity changes by events (buys, gives, loses, doubles); X is an integer 0..99
   coin   people flip or do not flip a coin; X is yes/no ("is it still heads up?")
+  light  people press or do not press a button that steps a light red -> green -> blue; X is a colour
   date   a date moves by days, weeks or months (a 365-day year, no year written); X is "April 5"
   swap   three people trade objects; X is an option letter ("Who has the ball now? Options: (A) Tom ...")
 Splits. train, val and test_id are in distribution. Three splits test out of distribution, each built
 so that a student can reach it, every position and token it needs being trained:
   ood_long     more events than any training question, with fewer distractor facts: training questions
-               carry a block of 1..8 distractor facts, so the longest ones reach every position ood_long
-               needs (its longest question plus rationale), for every method alike.
+               carry a block of 1..8 distractor facts (most 1 or 2, a few up to 8), so the longest ones
+               reach every position ood_long needs (its longest question plus rationale), for every
+               method alike.
   ood_reverse  the final state is given and the initial one asked (GSM8K-Reversal's analogue). A skill
                no one can infer from nothing, so it is a rare skill: a small share of the training
                questions (invert.py's reverse_share, the same for every method) is asked backwards,
@@ -217,7 +219,8 @@ class Coin(World):
     def now_text(self, p, s): return f'Now the coin is {s} up.'
     def back_query(self, p): return 'Was the coin heads up at first?'
     def step_text(self, a, e, b, p): return f"{e[1]} {'flips' if e[0] == 'flip' else 'does not flip'}, {b}."
-    def undo_text(self, b, e, a, p): return f'Undo {e[1]}: {a}.'
+    def undo_text(self, b, e, a, p):  # names the event it undoes, as every world's undo step does
+        return f"Undo: {e[1]} {'flips' if e[0] == 'flip' else 'does not flip'}, {a}."
     def value(self, p, s): return s
     def answer(self, p, s): return 'yes' if s == 'heads' else 'no'
     def latent(self, p, s): return s
@@ -281,7 +284,7 @@ class Light(World):
     def now_text(self, p, s): return f'Now the light is {s}.'
     def back_query(self, p): return 'What colour was the light at first?'
     def step_text(self, a, e, b, p): return f"{e[1]} {'presses' if e[0] == 'press' else 'does not press'}, {b}."
-    def undo_text(self, b, e, a, p): return f'Undo {e[1]}: {a}.'
+    def undo_text(self, b, e, a, p): return f"Undo: {e[1]} {'presses' if e[0] == 'press' else 'does not press'}, {a}."
     def answer(self, p, s): return s
     def latent(self, p, s): return s
     def claim(self, p, v): return f'the light is {v}'
@@ -751,8 +754,8 @@ def to_record(p, probes=()):
     rationale (the whole response, ending "The answer is <answer>."), probes [{rule, question,
     rationale, answer}] and latent (for probe.py): name, states (a label after 0, 1, ..., n events),
     event_ends (offset in question just past event i's sentence), query_start (where the query begins).
-    Latents: arith the count's last digit, coin the side up, date the month, swap what the queried
-    person holds (the variable the answer reads out)."""
+    Latents: arith the count's last digit, coin the side up, light the colour, date the month, swap
+    what the queried person holds (the variable the answer reads out)."""
     w, (q, ends, qstart), (rationale, answer) = WORLDS[p.world], layout(p), solve(p)
     return {'id': p.id, 'world': p.world, 'split': p.split, 'question': q, 'answer': answer, 'rationale': rationale,
             'latent': {'name': w.latent_name, 'states': [w.latent(p, s) for s in chain(p)],
