@@ -1,5 +1,6 @@
 """tasks.py checked against an independent reading of the rendered text: every question is parsed back
 with regexes, its events simulated here (datetime for dates), and every answer re-derived."""
+import collections
 import dataclasses
 import datetime
 import itertools
@@ -229,7 +230,7 @@ def design():
     c = invert.Config()
     return dict(events=(c.min_events, c.max_events), long_events=(c.long_min_events, c.long_max_events),
                 n_facts=(c.min_facts, c.max_facts), long_facts=(c.long_min_facts, c.long_max_facts),
-                reverse_share=c.reverse_share)
+                reverse_share=c.reverse_share, facts_decay=c.facts_decay)
 
 
 ENTITIES = {pool: set(tasks.NAMES[pool] + tasks.ITEMS[pool] + tasks.OBJECTS[pool]) for pool in ('train', 'ood')}
@@ -314,6 +315,16 @@ def test_reverse_share_of_train(world):
     got = sum(p.reverse for p in train) / len(train)
     assert 0 < share < 0.2 and abs(got - share) < 0.02
     assert not any(p.reverse for p in tasks.make_dataset(world, {'train': 300}, seed=3)['train'])
+
+
+def test_distractor_counts_are_skewed_short():
+    """Most questions carry one or two distractor facts (cheap to train on), a few every count up to the
+    maximum (they train the late positions)."""
+    c = invert.Config()
+    train = tasks.make_dataset('coin', {'train': 2000}, seed=3, **design())['train']
+    counts = collections.Counter(len(p.facts) for p in train)
+    assert set(counts) == set(range(c.min_facts, c.max_facts + 1))
+    assert (counts[c.min_facts] + counts[c.min_facts + 1]) / len(train) > 0.5  # uniform: 0.25
 
 
 @pytest.mark.parametrize('world', WORLDS)
