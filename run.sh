@@ -58,13 +58,13 @@ for seed in $seeds; do
         | xargs -P 2 -I {} sh -c "$train --stage=rl {}" >> $run/train.log 2>&1 \
         || { echo "run.sh: RL failed, see $run/train.log" >&2; exit 1; }
     stamp "trained: per-step metrics in $run/logs"
-    # linear probes on the students' hidden states, two worlds, beside the evaluation below
+    # linear probes on the students' hidden states (coin, the headline world), beside the evaluation below
     # (untrained = the same architecture with fresh weights: what a probe reads without any training)
     ckpts=untrained=init:$run/ckpt/sft_qa.pt,vanilla=$run/ckpt/sft_qa.pt,ei_sft=$run/ckpt/sft_ei.pt,exgrpo=$run/ckpt/rl_exgrpo.pt
-    for world in coin swap; do
-        python probe.py --checkpoints=$ckpts --data=$run/data --world=$world --target=state --positions=event \
-            --out_dir=$run/probe --threads=1 --seed=$seed $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1 --intervene_problems=8 --alphas=0,4" )
-    done > $run/probe.log 2>&1 &
+    python probe.py --checkpoints=$ckpts --data=$run/data --world=coin --target=state --positions=event \
+        --out_dir=$run/probe --threads=1 --seed=$seed \
+        $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1 --intervene_problems=8 --alphas=0,4" ) \
+        > $run/probe.log 2>&1 &
     probes="$probes $!"
 done
 stamp "evaluate (linear probes alongside, log: probe.log in each run folder)"

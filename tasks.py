@@ -1,17 +1,19 @@
 """The synthetic reasoning worlds, their exact solver (the oracle teacher) and the ten EI rules.
 
-Four state-tracking worlds, each problem a structured record (initial state, ordered events,
+Five state-tracking worlds, each problem a structured record (initial state, ordered events,
 distractor facts, template choices) rendered to one line of text, solved exactly and explained by a
 short rationale ending "The answer is X.":
   arith  a quantity changes by events (buys, gives, loses, doubles); X is an integer 0..99
   coin   people flip or do not flip a coin; X is yes/no ("is it still heads up?")
+  light  people press or do not press a button that steps a light red -> green -> blue; X is a colour
   date   a date moves by days, weeks or months (a 365-day year, no year written); X is "April 5"
   swap   three people trade objects; X is an option letter ("Who has the ball now? Options: (A) Tom ...")
 Splits. train, val and test_id are in distribution. Three splits test out of distribution, each built
 so that a student can reach it, every position and token it needs being trained:
   ood_long     more events than any training question, with fewer distractor facts: training questions
-               carry a block of 1..8 distractor facts, so the longest ones reach every position ood_long
-               needs (its longest question plus rationale), for every method alike.
+               carry a block of 1..8 distractor facts (most 1 or 2, a few up to 8), so the longest ones
+               reach every position ood_long needs (its longest question plus rationale), for every
+               method alike.
   ood_reverse  the final state is given and the initial one asked (GSM8K-Reversal's analogue). A skill
                no one can infer from nothing, so it is a rare skill: a small share of the training
                questions (invert.py's reverse_share, the same for every method) is asked backwards,
@@ -217,7 +219,8 @@ class Coin(World):
     def now_text(self, p, s): return f'Now the coin is {s} up.'
     def back_query(self, p): return 'Was the coin heads up at first?'
     def step_text(self, a, e, b, p): return f"{e[1]} {'flips' if e[0] == 'flip' else 'does not flip'}, {b}."
-    def undo_text(self, b, e, a, p): return f'Undo {e[1]}: {a}.'
+    def undo_text(self, b, e, a, p):  # names the event it undoes, as every world's undo step does
+        return f"Undo: {e[1]} {'flips' if e[0] == 'flip' else 'does not flip'}, {a}."
     def value(self, p, s): return s
     def answer(self, p, s): return 'yes' if s == 'heads' else 'no'
     def latent(self, p, s): return s
@@ -258,6 +261,69 @@ class Coin(World):
         names = rng.sample(fresh if len(fresh) >= len(p.events) else NAMES['train'], len(p.events))
         alt = replace(p, events=[(e[0], name) for e, name in zip(p.events, names)])
         return alt if alt.events != p.events else None
+
+
+class Light(World):
+    """coin with three states: each press moves the light one colour along red -> green -> blue -> red.
+    The same local update as coin (read the event, step the state), with three answers (chance 1/3)
+    and a random first colour, so every answer is equally likely."""
+    name, latent_name = 'light', 'colour'
+    COLOURS = ('red', 'green', 'blue')
+    INIT = ('A light is {s}.', 'The light starts {s}.')
+    EVENT = {'press': ('{n} presses the button.', '{n} pushes the button.'),
+             'keep': ('{n} does not press the button.', '{n} leaves the button alone.')}
+
+    def sample(self, rng, n, pool, reverse):
+        return {}, rng.choice(self.COLOURS), [(rng.choice(['press', 'keep']), name) for name in rng.sample(NAMES[pool], n)]
+
+    def step(self, s, e): return s if e[0] == 'keep' else self.COLOURS[(self.COLOURS.index(s) + 1) % 3]
+    def people(self, p): return [e[1] for e in p.events]
+    def init_text(self, p, s, t): return self.INIT[t % 2].format(s=s)
+    def event_text(self, p, e, t): return self.EVENT[e[0]][t % 2].format(n=e[1])
+    def ask(self, p, when): return f'What colour is the light {when}?'
+    def now_text(self, p, s): return f'Now the light is {s}.'
+    def back_query(self, p): return 'What colour was the light at first?'
+    def step_text(self, a, e, b, p): return f"{e[1]} {'presses' if e[0] == 'press' else 'does not press'}, {b}."
+    def undo_text(self, b, e, a, p): return f"Undo: {e[1]} {'presses' if e[0] == 'press' else 'does not press'}, {a}."
+    def answer(self, p, s): return s
+    def latent(self, p, s): return s
+    def claim(self, p, v): return f'the light is {v}'
+    def what(self, p): return 'the colour of the light'
+    def wrong(self, p, s, rng): return rng.choice(others(self.COLOURS, [s]))
+
+    def effect(self, p, e):
+        if e[0] == 'press':
+            return 'Does it change the colour?', 'Pressing moves the light to the next colour.', 'yes'
+        return 'Does it change the colour?', 'Not pressing leaves the light as it is.', 'no'
+
+    def compare(self, p, states):
+        c = sum(e[0] == 'press' for e in p.events)
+        return ('Is the light the same colour now as before the events?',
+                f"The button is pressed {plural(c, 'time')}, and {c} is {'' if c % 3 == 0 else 'not '}a multiple of 3.",
+                'yes' if c % 3 == 0 else 'no')
+
+    def cause(self, p, states):
+        presses = [i for i, e in enumerate(p.events) if e[0] == 'press']
+        if not presses:
+            return None
+        i = presses[-1]
+        who = p.events[i][1]
+        return 'Who is the last person to press the button?', f'The last press is the {ORD[i]} event, by {who}.', who
+
+    def premise(self, p, states, rng):
+        pressers = [e[1] for e in p.events if e[0] == 'press']
+        return ('person', rng.choice(pressers), 'the colour of the light') if pressers else None
+
+    def perturb(self, p, rng):
+        i = rng.randrange(len(p.events))
+        e = ({'press': 'keep', 'keep': 'press'}[p.events[i][0]], p.events[i][1])
+        return replace(p, events=p.events[:i] + [e] + p.events[i + 1:]), self.event_text(p, e, p.tpl[i + 1])
+
+    def analogue(self, p, rng):
+        fresh = others(NAMES['train'], self.people(p))
+        names = rng.sample(fresh if len(fresh) >= len(p.events) else NAMES['train'], len(p.events))
+        alt = replace(p, init=rng.choice(self.COLOURS), events=[(e[0], name) for e, name in zip(p.events, names)])
+        return alt if (alt.init, alt.events) != (p.init, p.events) else None
 
 
 class Date(World):
@@ -435,7 +501,7 @@ class Swap(World):
         return replace(p, ctx=ctx, init=tuple(objects))
 
 
-WORLDS = {w.name: w for w in (Arith(), Coin(), Date(), Swap())}
+WORLDS = {w.name: w for w in (Arith(), Coin(), Light(), Date(), Swap())}
 
 
 def chain(p, events=None):
@@ -536,11 +602,19 @@ def span(n):
     return (n, n) if isinstance(n, int) else tuple(n)
 
 
+def draw_count(rng, lo, hi, decay=1.0):
+    """A count in lo..hi, each one `decay` times as likely as the one before (1: uniform). With decay < 1
+    most questions are short and a few are long: the long ones still train the late positions."""
+    if decay == 1.0:
+        return rng.randint(lo, hi)
+    return rng.choices(range(lo, hi + 1), weights=[decay ** (n - lo) for n in range(lo, hi + 1)])[0]
+
+
 def make_dataset(world, sizes, seed, events=(2, 4), long_events=(6, 7), n_facts=1, long_facts=None,
-                 reverse_share=0.0):
+                 reverse_share=0.0, facts_decay=1.0):
     """{split: [Problem]} for the splits in `sizes` ({split: n}), each from its own seeded stream.
     Every split draws its event count from `events` and its number of distractor facts from `n_facts`
-    (a count or a (lo, hi) range), except ood_long: `long_events` events and `long_facts` facts (default
+    (a count or a (lo, hi) range, each count `facts_decay` times as likely as the one before), except ood_long: `long_events` events and `long_facts` facts (default
     n_facts; fewer facts keep its longer chains inside the token lengths training covers). ood_reverse
     asks backwards, and a `reverse_share` of the train questions too (the rare-skill regime: every
     method sees the same few). ood_names fills the asked roles from the OOD pools. val_<split> is a
@@ -558,7 +632,8 @@ def make_dataset(world, sizes, seed, events=(2, 4), long_events=(6, 7), n_facts=
                 raise SystemExit(f'cannot make {sizes[split]} distinct {world} problems for {split}: ask for fewer')
             reverse = kind == 'ood_reverse' or (kind == 'train' and rng.random() < reverse_share)
             p = make_problem(world, split, len(out[split]), rng, rng.randint(lo, hi),
-                             'ood' if kind == 'ood_names' else 'train', reverse, rng.randint(*facts))
+                             'ood' if kind == 'ood_names' else 'train', reverse,
+                             draw_count(rng, *facts, 1.0 if kind == 'ood_long' else facts_decay))
             if question(p) not in seen:
                 seen.add(question(p))
                 out[split].append(p)
@@ -679,8 +754,8 @@ def to_record(p, probes=()):
     rationale (the whole response, ending "The answer is <answer>."), probes [{rule, question,
     rationale, answer}] and latent (for probe.py): name, states (a label after 0, 1, ..., n events),
     event_ends (offset in question just past event i's sentence), query_start (where the query begins).
-    Latents: arith the count's last digit, coin the side up, date the month, swap what the queried
-    person holds (the variable the answer reads out)."""
+    Latents: arith the count's last digit, coin the side up, light the colour, date the month, swap
+    what the queried person holds (the variable the answer reads out)."""
     w, (q, ends, qstart), (rationale, answer) = WORLDS[p.world], layout(p), solve(p)
     return {'id': p.id, 'world': p.world, 'split': p.split, 'question': q, 'answer': answer, 'rationale': rationale,
             'latent': {'name': w.latent_name, 'states': [w.latent(p, s) for s in chain(p)],

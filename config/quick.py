@@ -1,6 +1,6 @@
 # run.sh --quick: the same pipeline, tiny everything, for a one-minute smoke test. Not a result.
 out_dir = "out/quick"
-worlds = "coin,swap"
+worlds = "coin"
 n_train, n_val, n_test, n_ood = 64, 16, 16, 16
 n_layer, n_head, n_embd = 2, 2, 32
 max_iters = 30

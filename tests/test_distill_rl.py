@@ -251,8 +251,9 @@ def test_golden_sft_losses(data_dir):
     assert losses == pytest.approx(GOLDEN_SFT_LOSSES, rel=1e-4)
 
 
-# re-derived when the worlds changed (distractor-fact blocks, a third fact template): new data, new values
-GOLDEN_SFT_LOSSES = [5.216511249542236, 5.21489953994751, 5.218469142913818]
+# re-derived when the data changed (skewed distractor counts, reverse share 0.1, coin's undo steps name
+# their event): new data, new values
+GOLDEN_SFT_LOSSES = [5.1791887283325195, 5.177648544311523, 5.183085918426514]
 
 
 def test_bf16_autocast_path_on_cpu(data_dir):

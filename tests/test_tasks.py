@@ -1,5 +1,6 @@
 """tasks.py checked against an independent reading of the rendered text: every question is parsed back
 with regexes, its events simulated here (datetime for dates), and every answer re-derived."""
+import collections
 import dataclasses
 import datetime
 import itertools
@@ -12,7 +13,8 @@ import invert
 import model
 import tasks
 
-WORLDS = ('arith', 'coin', 'date', 'swap')
+WORLDS = ('arith', 'coin', 'light', 'date', 'swap')
+COLOURS = ('red', 'green', 'blue')
 SIZES = {'train': 200, 'val': 10, 'test_id': 10, 'ood_long': 30, 'ood_reverse': 30, 'ood_names': 30,
          'val_ood_long': 10, 'val_ood_reverse': 10, 'val_ood_names': 10}
 ORD = ['first', 'second', 'third', 'fourth', 'fifth', 'sixth', 'seventh', 'eighth', 'ninth', 'tenth']
@@ -33,6 +35,7 @@ def read_query(world, q):
     pats = {'arith': [r'How many (?P<item>\w+) (?P<v>does|did) (?P<h>\w+) have (?:now|at the end|at first)\?'],
             'coin': [r'Is the coin still heads up\?', r'Is the coin heads up (?:now|at the end)\?',
                      r'(?P<v>Was) the coin heads up at first\?'],
+            'light': [r'What colour (?P<v>is|was) the light (?:now|at the end|at first)\?'],
             'date': [r'On what date (?P<v>is|was) the (?P<thing>\w+) (?:now|at the end|at first)\?'],
             'swap': [r'Who (?P<v>has|had) the (?P<obj>\w+) (?:now|at the end|at first)\?']}[world]
     for pat in pats:
@@ -64,6 +67,13 @@ def patterns(world, ctx):
             (r'Now the coin is (heads|tails) up\.', lambda m: ('now', m[1] == 'heads')),
             (r'(\w+) (?:flips the coin|turns the coin over)\.', lambda m: ('event', ('flip', m[1]))),
             (r'(\w+) (?:does not flip the coin|leaves the coin alone)\.', lambda m: ('event', ('keep', m[1]))),
+            (r'(\w+) has (\d+) (\w+)\.', lambda m: ('fact', (m[1], int(m[2]), m[3])))]
+    if world == 'light':
+        return FACT + [
+            (r'(?:A light is|The light starts) (red|green|blue)\.', lambda m: ('init', m[1])),
+            (r'Now the light is (red|green|blue)\.', lambda m: ('now', m[1])),
+            (r'(\w+) (?:presses|pushes) the button\.', lambda m: ('event', ('press', m[1]))),
+            (r'(\w+) (?:does not press the button|leaves the button alone)\.', lambda m: ('event', ('keep', m[1]))),
             (r'(\w+) has (\d+) (\w+)\.', lambda m: ('fact', (m[1], int(m[2]), m[3])))]
     if world == 'date':
         T, unit = ctx['thing'], r'(\d+) (day|week|month)(s?)'
@@ -136,6 +146,8 @@ def step(world, s, e):
         return s
     if world == 'coin':
         return s != (e[0] == 'flip')
+    if world == 'light':
+        return COLOURS[(COLOURS.index(s) + (e[0] == 'press')) % 3]
     if world == 'date':
         unit, k = e
         if unit == 'month':
@@ -154,7 +166,7 @@ def simulate(world, init, events):
 
 
 def value(world, ctx, s):
-    return {'arith': lambda: str(s), 'coin': lambda: 'heads' if s else 'tails',
+    return {'arith': lambda: str(s), 'coin': lambda: 'heads' if s else 'tails', 'light': lambda: s,
             'date': lambda: f'{s:%B} {s.day}', 'swap': lambda: holder(ctx, s)}[world]()
 
 
@@ -175,6 +187,8 @@ def candidates(world, final):
         return range(100)
     if world == 'coin':
         return (True, False)
+    if world == 'light':
+        return COLOURS
     if world == 'date':
         return [datetime.date(2023, 1, 1) + datetime.timedelta(days=i) for i in range(365)]
     return [dict(zip(final, objs)) for objs in itertools.permutations(final.values())]
@@ -216,7 +230,7 @@ def design():
     c = invert.Config()
     return dict(events=(c.min_events, c.max_events), long_events=(c.long_min_events, c.long_max_events),
                 n_facts=(c.min_facts, c.max_facts), long_facts=(c.long_min_facts, c.long_max_facts),
-                reverse_share=c.reverse_share)
+                reverse_share=c.reverse_share, facts_decay=c.facts_decay)
 
 
 ENTITIES = {pool: set(tasks.NAMES[pool] + tasks.ITEMS[pool] + tasks.OBJECTS[pool]) for pool in ('train', 'ood')}
@@ -250,10 +264,10 @@ def test_solver_agrees_with_independent_simulation(data):
             assert len(prob['events']) == len(lat['event_ends']) == len(lat['states']) - 1  # every event is said
             for end, sent in zip(lat['event_ends'], prob['event_sents']):
                 assert r['question'][:end].endswith(sent)
-            assert r['question'][lat['query_start']:].startswith(('How', 'Is', 'Was', 'On', 'Who'))
+            assert r['question'][lat['query_start']:].startswith(('How', 'Is', 'Was', 'On', 'Who', 'What'))
             init = prob['init'] if not prob['reverse'] else None
             if init is not None:
-                labels = {'arith': lambda s: str(s % 10), 'coin': lambda s: 'heads' if s else 'tails',
+                labels = {'arith': lambda s: str(s % 10), 'coin': lambda s: 'heads' if s else 'tails', 'light': str,
                           'date': lambda s: f'{s:%B}', 'swap': lambda s: holder(prob['ctx'], s)}[world]
                 assert [labels(s) for s in simulate(world, init, prob['events'])] == lat['states']
             for name, n, _ in prob['facts']:  # a distractor's person and number appear nowhere else
@@ -303,6 +317,16 @@ def test_reverse_share_of_train(world):
     assert not any(p.reverse for p in tasks.make_dataset(world, {'train': 300}, seed=3)['train'])
 
 
+def test_distractor_counts_are_skewed_short():
+    """Most questions carry one or two distractor facts (cheap to train on), a few every count up to the
+    maximum (they train the late positions)."""
+    c = invert.Config()
+    train = tasks.make_dataset('coin', {'train': 2000}, seed=3, **design())['train']
+    counts = collections.Counter(len(p.facts) for p in train)
+    assert set(counts) == set(range(c.min_facts, c.max_facts + 1))
+    assert (counts[c.min_facts] + counts[c.min_facts + 1]) / len(train) > 0.5  # uniform: 0.25
+
+
 @pytest.mark.parametrize('world', WORLDS)
 def test_ood_long_fits_the_trained_lengths(world):
     """Learned positions are trained by every sequence that reaches them: training questions (padded by
@@ -346,7 +370,7 @@ def test_no_question_repeats_across_splits():
 
 def claim_value(world, ctx, claim):
     """The value a verify/hypothesis claim states."""
-    pat = {'arith': rf"{ctx.get('h')} has (\d+) \w+", 'coin': r'the coin is (heads|tails) up',
+    pat = {'arith': rf"{ctx.get('h')} has (\d+) \w+", 'coin': r'the coin is (heads|tails) up', 'light': r'the light is (\w+)',
            'date': rf"the {ctx.get('thing')} is on (\w+ \d+)", 'swap': rf"(\w+) has the {ctx.get('obj')}"}[world]
     return re.fullmatch(pat, claim)[1]
 
@@ -372,8 +396,8 @@ def expected(world, rule, prob, tail, r):
         kind, e = read_sentence(world, ctx, m[1])
         if world == 'arith':
             return {'add': f'add {e[1]}', 'sub': f'subtract {e[1]}', 'dbl': 'double'}[e[0]]
-        if world == 'coin':
-            return 'yes' if e[0] == 'flip' else 'no'
+        if world in ('coin', 'light'):
+            return 'yes' if e[0] in ('flip', 'press') else 'no'
         n = abs(e[1]) * (7 if e[0] == 'week' else 1)
         unit = 'month' if e[0] == 'month' else 'day'
         return f"{n} {unit}{'s' if n != 1 else ''} {'later' if e[1] > 0 else 'earlier'}"
@@ -397,8 +421,8 @@ def expected(world, rule, prob, tail, r):
             top = max(map(abs, deltas))
             assert [abs(d) for d in deltas].count(top) == 1
             return ORD[[abs(d) for d in deltas].index(top)]
-        if world == 'coin':
-            return [e[1] for e in events if e[0] == 'flip'][-1]
+        if world in ('coin', 'light'):
+            return [e[1] for e in events if e[0] in ('flip', 'press')][-1]
         moves = [i for i in range(len(events)) if vals[i] != vals[i + 1]]  # the giver of the last move
         return vals[moves[-1]]
     if rule == 'compare':
@@ -429,8 +453,8 @@ def expected(world, rule, prob, tail, r):
         spare = [t for t in m.group(2, 3) if t not in used]
         fact_tokens = {str(f[1]) if m[1] == 'number' else f[0] for f in prob['facts']}
         assert len(used) == 1 and len(spare) == 1 and spare[0] in fact_tokens
-        if world == 'coin':
-            assert ('flip', used[0]) in events
+        if world in ('coin', 'light'):
+            assert ('flip', used[0]) in events or ('press', used[0]) in events
         if world == 'swap':  # the last person to hand the asked object over
             assert used[0] == expected(world, 'cause', prob, '', r)
         return spare[0]
