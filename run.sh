@@ -5,6 +5,7 @@
 #   bash run.sh                      # one seed into out/default            (measured time: README)
 #   bash run.sh --quick              # a one-minute smoke run into out/quick
 #   bash run.sh --seeds "1 2 3"      # one run folder per seed, report over all of them
+#   bash run.sh --resume             # continue (or skip) the trainings an earlier run left in the folder
 #   bash run.sh --preset config/gpu_gpt2.py   # GPT-2 124M on one GPU (README: "On a GPU")
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,13 +14,15 @@ preset=config/cpu_tiny.py
 seeds="1"
 out=""
 quick=""
+resume=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=config/quick.py ;;
+        --resume) resume=--resume=True ;;
         --seeds) seeds="$2"; shift ;;
         --preset) preset="$2"; shift ;;
         --out) out="$2"; shift ;;
-        *) echo "run.sh: unknown argument $1 (options: --quick, --seeds \"1 2 3\", --preset FILE, --out DIR)" >&2; exit 2 ;;
+        *) echo "run.sh: unknown argument $1 (options: --quick, --seeds \"1 2 3\", --preset FILE, --out DIR, --resume)" >&2; exit 2 ;;
     esac
     shift
 done
@@ -41,7 +44,7 @@ for seed in $seeds; do
     python invert.py $configs --out_dir=$run --n_examples=0
     # stage 2, both SFT rows at once (one core each): vanilla SFT, and EI-SFT (the warm start and
     # frozen reference of every RL row but the cold start)
-    train="python distill_rl.py $configs --out_dir=$run --seed=$seed"
+    train="python distill_rl.py $configs --out_dir=$run --seed=$seed $resume"
     sft=$run/ckpt/sft_ei.pt
     stamp "training: follow with tail -f $run/train.log"
     ( $train --stage=sft --data=qa & qa=$!
