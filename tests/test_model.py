@@ -418,11 +418,13 @@ def test_token_logprobs_equal_the_full_sequence_ones(monkeypatch, chunk, tempera
     assert torch.all(logp[~keep] == 0) and torch.all(entropy[~keep] == 0)
 
 
+@pytest.mark.parametrize("keep", [0, 300, 2**28])  # every chunk's logits recomputed; the first kept; all kept
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_gradient_equals_the_full_paths(monkeypatch, temperature):
-    """The chunked backward (logits recomputed per chunk) gives every parameter the gradient that
-    autograd through the full (B, T, V) log-softmax gives."""
+def test_token_logprobs_gradient_equals_the_full_paths(monkeypatch, temperature, keep):
+    """The chunked backward gives every parameter the gradient that autograd through the full
+    (B, T, V) log-softmax gives, whether a chunk's softmax was kept or is recomputed."""
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 300)
+    monkeypatch.setattr(logprobs, "KEEP_LOGITS", keep)
     model, x, targets, keep = scoring_case()
     weights = torch.randn(keep.shape, generator=torch.Generator().manual_seed(1)) * keep
     grads = []
@@ -435,16 +437,27 @@ def test_token_logprobs_gradient_equals_the_full_paths(monkeypatch, temperature)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
-def test_token_logprobs_never_builds_full_logits(monkeypatch):
-    """The head module is never called, and no chunk of logits holds more than CHUNK_LOGITS."""
-    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 300)
-    model, x, targets, keep = scoring_case()
+@pytest.mark.parametrize("keep", [0, 600])
+def test_token_logprobs_never_builds_full_logits(monkeypatch, keep):
+    """The head module is never called, no chunk of logits holds more than CHUNK_LOGITS, backward
+    recomputes exactly the chunks beyond KEEP_LOGITS, and without grad every chunk is recomputed
+    (nothing was kept)."""
+    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 300)  # 3 rows of V = 100
+    monkeypatch.setattr(logprobs, "KEEP_LOGITS", keep)
+    model, x, targets, mask = scoring_case()
     model.lm_head.register_forward_hook(lambda *_: pytest.fail("token_logprobs ran the full head"))
-    shapes, chunk = [], logprobs.logits_chunk
-    monkeypatch.setattr(logprobs, "logits_chunk", lambda h, *a: shapes.append(h.shape[0]) or chunk(h, *a))
+    rows, chunk = [], logprobs.logits_chunk
+    monkeypatch.setattr(logprobs, "logits_chunk", lambda h, *a: rows.append(len(h)) or chunk(h, *a))
     M.token_logprobs(model, x, targets, entropy=True)[0].sum().backward()
-    assert sum(shapes) == 2 * int(keep.sum())  # forward and backward, only the targeted positions
-    assert max(shapes) * model.config.vocab_size <= 300
+    n = int(mask.sum())
+    assert sum(rows) == 2 * n - keep // 100  # forward: every targeted position; backward: those not kept
+    assert max(rows) == 3
+    contexts, forward = [], logprobs.TargetLogprobs.forward
+    monkeypatch.setattr(logprobs.TargetLogprobs, "forward", staticmethod(lambda ctx, *a: contexts.append(ctx)
+                                                                         or forward(ctx, *a)))
+    with torch.no_grad():
+        M.token_logprobs(model, x, targets)
+    assert contexts[0].kept.numel() == 0
 
 # ---------------------------------------------------------------------------------------------
 # bad weight files
