@@ -405,7 +405,7 @@ def policy_update(model, ref, optimizer, batch, cfg, world_size, where):
     """ppo_epochs optimizer steps on one batch (Eq. 7 + aux_coef * Eq. 8). pi_ref is scored before
     any update (not at all when beta = 0: no KL term, none logged); so is pi_old when ppo_epochs > 1,
     else pi_old is pi_theta and its log-probs are the update's own, detached (ratio exactly 1, as
-    TRL). At the first pass the KL is exactly 0. Every loss term is normalised by the whole step's
+    TRL does). At the first pass the KL is exactly 0. Every loss term is normalised by the whole step's
     counts (all micro-batches, all ranks), so accumulation is exact. Returns logging sums."""
     raw_model = model.module if world_size > 1 else model
     rows, masks, adv, aux, aux_masks = (batch[k] for k in ("rows", "masks", "adv", "aux", "aux_masks"))

@@ -244,7 +244,7 @@ class GPT(nn.Module):
             idx[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         real = torch.arange(longest, device=device)[None, :] >= (longest - lengths)[:, None]
         cache = kv_cache or KVCache(self.config, B, longest + max_new_tokens, device, self.transformer.wte.weight.dtype)
-        hidden, _ = self(idx, attn_mask=real, kv_cache=cache, head=False)  # the head only where we sample:
+        hidden, _ = self(idx, attn_mask=real, kv_cache=cache, head=False)  # the head on the last position only
         logits = self.lm_head(hidden[:, -1]).repeat_interleave(num_samples, dim=0)  # (N, V)
         if num_samples > 1:
             cache.repeat_interleave(num_samples)
