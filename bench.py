@@ -171,7 +171,8 @@ def bench_shape(name, cfg, device, with_hf):
 def measured(cmd, log):
     """Run cmd, its output to log; the peak RSS (GiB) of that process alone (os.wait4's usage)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd[:2])} failed; its output is in {log}")
@@ -195,7 +196,7 @@ def bench_rl(cfg, device, with_trl):
     log = [json.loads(line) for line in open(os.path.join(run, "logs", "rl_grpo.jsonl"))]
     rows = [["ours", median([r["time_step"] for r in log]), median([r["time_sample"] for r in log]), rss]]
     if with_trl:
-        argv = [f"--{k}={v}" for k, v in vars(cfg).items() if k != "trl_run"]
+        argv = [f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("trl_run", "device")]
         rss = measured([sys.executable, "bench.py", *argv, f"--trl_run={run}", f"--device={device}"],
                        os.path.join(run, "trl.log"))
         rows.append(["TRL GRPOTrainer", median(json.load(open(os.path.join(run, "trl_steps.json")))), None, rss])
