@@ -1,10 +1,15 @@
 """
 Throughput of a training step and of sampling, ours against Hugging Face transformers on the same
-model, threads and shapes: ours should be at least as fast as transformers.
+model, threads and shapes: ours should be at least as fast as transformers. Then one GRPO step of
+distill_rl.py at shape S (the tiny preset with GPT-2's 50257 outputs: 16 coin questions x 8
+rollouts x 64 new tokens, beta 0.04), its sampling time and peak memory, against TRL's
+GRPOTrainer on the same model and sizes when trl is installed. Each RL run is its own process,
+so its peak RSS is its own.
 
-    python bench.py                                  # tiny (compact vocab) and GPT-2 124M shapes
-    python bench.py --shapes=tiny --threads=2 --iters=5
+    python bench.py                                  # tiny (compact vocab) and GPT-2 124M shapes, RL step
+    python bench.py --shapes=tiny --threads=2 --iters=5 --rl=False
     python bench.py --shapes=nano --batch=2 --seq_len=16 --gen_batch=2 --new_tokens=4 --iters=1 --warmup=0
+    python bench.py --shapes= --rl_questions=2 --rl_group=2 --rl_new_tokens=4   # the RL rows only, small
 
 Weights are random (speed does not depend on them). Each number is the median of `iters` timed
 repetitions after `warmup` untimed ones. On a shared machine other processes skew everything:
@@ -12,15 +17,23 @@ the header prints the load average and how busy the CPUs were just before the ru
 numbers from the same run.
 """
 import importlib.util
+import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
 from configurator import cli, parse_config, pick_device, set_threads
+from gpt2_files import save_hf
 from model import GPT, PRESETS, GPTConfig, sample_next
+from tasks import is_correct, read_split
+from tokenizer import gpt2_bpe_files
 
 
 @dataclass
@@ -38,6 +51,11 @@ class BenchConfig:
     iters: int = 3             # timed repetitions (median)
     nocache: bool = True       # also time sampling without a KV cache
     hf: bool = True            # also time transformers' GPT2LMHeadModel, when installed
+    rl: bool = True            # also one GRPO step at shape S, ours and (when installed) TRL's
+    rl_questions: int = 16     # questions per GRPO step
+    rl_group: int = 8          # rollouts per question
+    rl_new_tokens: int = 64    # tokens per rollout (TRL is held to exactly this many; ours rarely stops early)
+    trl_run: str = ""          # internal: the run folder of TRL's steps (bench.py starts itself with it)
     seed: int = 0
 
 
@@ -146,8 +164,87 @@ def bench_shape(name, cfg, device, with_hf):
     return config, rows
 
 
+# ---------------------------------------------------------------------------------------------
+# one GRPO step at shape S: ours (distill_rl.py) and TRL's GRPOTrainer, each in its own process
+
+
+def measured(cmd, log):
+    """Run cmd, its output to log; the peak RSS (GiB) of that process alone (os.wait4's usage)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:2])} failed; its output is in {log}")
+    return usage.ru_maxrss / 2**20  # Linux reports KiB
+
+
+def bench_rl(cfg, device, with_trl):
+    """Rows [what, step s, sampling s or None, peak RSS GiB]: the median step over the last `iters`
+    of warmup + iters GRPO steps, on coin questions from invert.py and a random shape-S model."""
+    run = tempfile.mkdtemp(prefix="bench_rl_")
+    measured([sys.executable, "invert.py", f"--out_dir={run}", "--worlds=coin", f"--n_train={4 * cfg.rl_questions}",
+              "--n_val=1", "--n_test=1", "--n_ood=1", "--n_examples=0"], os.path.join(run, "invert.log"))
+    torch.manual_seed(cfg.seed)
+    save_hf(GPT(GPTConfig(**PRESETS["tiny"], vocab_size=50257)), os.path.join(run, "hf"))
+    steps, median = cfg.warmup + cfg.iters, lambda xs: statistics.median(xs[cfg.warmup:])
+    rss = measured([sys.executable, "distill_rl.py", "--stage=rl", "--algo=grpo", f"--init={run}/hf", "--worlds=coin",
+                    f"--rl_batch_size={cfg.rl_questions}", f"--group_size={cfg.rl_group}", "--beta=0.04",
+                    f"--max_new_tokens={cfg.rl_new_tokens}", f"--out_dir={run}", "--difficulty=False",
+                    "--eval_problems=0", f"--rl_steps={steps}", f"--threads={cfg.threads}", f"--device={device}",
+                    f"--seed={cfg.seed}"], os.path.join(run, "ours.log"))
+    log = [json.loads(line) for line in open(os.path.join(run, "logs", "rl_grpo.jsonl"))]
+    rows = [["ours", median([r["time_step"] for r in log]), median([r["time_sample"] for r in log]), rss]]
+    if with_trl:
+        argv = [f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("trl_run", "device")]
+        rss = measured([sys.executable, "bench.py", *argv, f"--trl_run={run}", f"--device={device}"],
+                       os.path.join(run, "trl.log"))
+        rows.append(["TRL GRPOTrainer", median(json.load(open(os.path.join(run, "trl_steps.json")))), None, rss])
+    shutil.rmtree(run)  # kept only when a run fails, for its log
+    return rows
+
+
+def trl_steps(cfg, run):
+    """TRL's GRPO on the same model, questions and sizes: one generation per step, the sequence-mean
+    loss (its "grpo", our loss_agg=seq), exactly rl_new_tokens per rollout; TRL's other defaults.
+    Writes the step times (seconds) to run/trl_steps.json."""
+    from datasets import Dataset
+    from transformers import GPT2LMHeadModel, GPT2Tokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    records = read_split(os.path.join(run, "data"), "train")[:cfg.rl_questions]
+    data = Dataset.from_dict({"prompt": ["Q: " + r["question"] + "\nA:" for r in records],  # tasks.prompt_ids' format
+                              "answer": [r["answer"] for r in records], "world": [r["world"] for r in records]})
+    reward = lambda completions, answer, world, **_: [float(is_correct(w, c, a))
+                                                      for c, a, w in zip(completions, answer, world)]
+    files = gpt2_bpe_files()
+    tok = GPT2Tokenizer(vocab=files["encoder.json"], merges=files["vocab.bpe"])  # GPT-2's BPE, offline
+    tok.pad_token = tok.eos_token
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.t0)
+
+    args = GRPOConfig(output_dir=os.path.join(run, "trl"), per_device_train_batch_size=cfg.rl_questions * cfg.rl_group,
+                      num_generations=cfg.rl_group, steps_per_generation=1, gradient_accumulation_steps=1,
+                      max_completion_length=cfg.rl_new_tokens, generation_kwargs={"min_new_tokens": cfg.rl_new_tokens},
+                      temperature=1.0, top_k=0, top_p=1.0, beta=0.04, loss_type="grpo", learning_rate=2e-5,
+                      max_steps=cfg.warmup + cfg.iters, use_cpu=cfg.device == "cpu", seed=cfg.seed,
+                      report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = GRPOTrainer(model=GPT2LMHeadModel.from_pretrained(os.path.join(run, "hf")), reward_funcs=reward,
+                          args=args, train_dataset=data, processing_class=tok, callbacks=[StepTimer()])
+    trainer.train()
+    with open(os.path.join(run, "trl_steps.json"), "w") as f:
+        json.dump(times, f)
+
+
 LIMITS = dict(**dict.fromkeys(("batch", "seq_len", "gen_batch", "prompt_len", "new_tokens", "iters"), "[1, inf)"),
-              compact_vocab="[2, inf)", threads="[0, inf)", warmup="[0, inf)", seed="[0, inf)")
+              compact_vocab="[2, inf)", threads="[0, inf)", warmup="[0, inf)", seed="[0, inf)",
+              **dict.fromkeys(("rl_questions", "rl_group", "rl_new_tokens"), "[1, inf)"))
 
 
 def main(argv):
@@ -157,6 +254,8 @@ def main(argv):
         raise SystemExit(f"--shapes: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if cfg.trl_run:  # the child bench_rl starts, so that TRL's peak memory is measured alone
+        return trl_steps(cfg, cfg.trl_run)
     has_transformers = importlib.util.find_spec("transformers") is not None
     busy = cpu_busy()
     print(f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
@@ -168,7 +267,7 @@ def main(argv):
     if cfg.hf and not has_transformers:
         print("transformers is not installed: no comparison")
     print(f"{'shape':<12} {'what':<18} {'ours tok/s':>11} {'HF tok/s':>10} {'ours/HF':>8}")
-    for name in cfg.shapes.split(","):
+    for name in [name for name in cfg.shapes.split(",") if name]:
         config, rows = bench_shape(name, cfg, device, cfg.hf and has_transformers)
         label = f"{name} V={config.vocab_size}"
         for what, ours, *theirs in rows:
@@ -176,6 +275,18 @@ def main(argv):
             print(f"{label:<12} {what:<18} {ours:11.0f} {hf}")
         if cfg.nocache:
             print(f"{label:<12} {'KV cache speed-up':<18} {rows[1][1] / rows[2][1]:11.2f}x")
+    if cfg.rl:
+        with_trl = importlib.util.find_spec("trl") is not None
+        print(f"\nGRPO step at shape S (tiny preset, V=50257): {cfg.rl_questions} coin questions x {cfg.rl_group} "
+              f"rollouts x {cfg.rl_new_tokens} new tokens, beta 0.04; median of {cfg.iters} steps after {cfg.warmup}"
+              + ("" if with_trl else "; trl is not installed: no comparison"))
+        rows = bench_rl(cfg, device, with_trl)
+        print(f"{'what':<16} {'step s':>7} {'sampling s':>11} {'step/sampling':>14} {'peak RSS GiB':>13}")
+        for what, step, sampling, rss in rows:
+            share = f"{sampling:11.2f} {step / sampling:14.2f}" if sampling else f"{'-':>11} {'-':>14}"
+            print(f"{what:<16} {step:7.2f} {share} {rss:13.2f}")
+        if len(rows) > 1:
+            print(f"ours vs TRL: {rows[1][1] / rows[0][1]:.2f}x faster, {rows[0][3] / rows[1][3]:.2f}x the peak memory")
     print(f"load average after the run {os.getloadavg()[0]:.2f}")
 
 

@@ -46,12 +46,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from configurator import cli, mixed_precision, parse_config, pick_device, set_threads
-from model import KVCache, pad_rows, sequence_logprobs
+from model import KVCache, pad_rows, token_logprobs
 from tasks import accuracy, greedy_answers, is_correct, prompt_ids, response_ids
 from training import (Run, all_reduce_sum, check_config, init_student, load_data, optimizer_step, run_lock, setup_ddp,
                       unwrap)
@@ -244,11 +243,12 @@ def scenario_advantages(correct_full, correct_partial, cfg, scale):
 # --- Eq. 7: the clipped objective with the k3 KL ---------------------------------------------
 
 
-def masked_logprobs(model, rows, masks, device, temperature):
-    """(logp, mask, logits) over the shifted targets: logp[:, t] scores token t+1; mask[:, t] = 1
-    where token t+1 is trained. Padding is on the right and masked by position."""
-    logp, logits = sequence_logprobs(model, pad_rows(rows, device), temperature=temperature, return_logits=True)
-    return logp, pad_rows(masks, device)[:, 1:].float(), logits
+def masked_logprobs(model, rows, masks, device, temperature, entropy=False):
+    """(logp, mask, entropy or None) over the shifted targets: logp[:, t] scores token t+1 where
+    mask[:, t] = 1 (token t+1 is trained), else 0. Right padding is masked by position, not by id."""
+    idx, mask = pad_rows(rows, device), pad_rows(masks, device)[:, 1:]
+    logp, ent = token_logprobs(model, idx[:, :-1], idx[:, 1:].masked_fill(mask == 0, -1), temperature, entropy)
+    return logp, mask.float(), ent
 
 
 def rl_loss(logp, old_logp, ref_logp, mask, adv, cfg, n_seqs, n_tokens):
@@ -365,8 +365,7 @@ def sft_batch(examples, device):
 
 def summed_nll(model, x, y):
     """L_SFT summed over the trained targets of (x, y) (-1: not trained)."""
-    logits, _ = model(x)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-1, reduction="sum")
+    return -token_logprobs(model, x, y)[0].sum()
 
 
 @torch.no_grad()
@@ -437,10 +436,11 @@ def train_sft(cfg, model, tok, device, rank, world_size):
 
 
 def policy_update(model, ref, optimizer, batch, cfg, world_size, where):
-    """ppo_epochs optimizer steps on one batch (Eq. 7 + aux_coef * Eq. 8). pi_old and pi_ref are
-    scored once, before any update, like pi_theta: at the first pass the ratio is exactly 1 and the
-    KL exactly 0. Every loss term is normalised by the whole step's counts (all micro-batches, all
-    ranks), so accumulation is exact. Returns logging sums."""
+    """ppo_epochs optimizer steps on one batch (Eq. 7 + aux_coef * Eq. 8). pi_ref is scored before
+    any update (not at all when beta = 0: no KL term, none logged); so is pi_old when ppo_epochs > 1,
+    else pi_old is pi_theta and its log-probs are the update's own, detached (ratio exactly 1, as
+    TRL does). At the first pass the KL is exactly 0. Every loss term is normalised by the whole step's
+    counts (all micro-batches, all ranks), so accumulation is exact. Returns logging sums."""
     raw_model = unwrap(model)
     rows, masks, adv, aux, aux_masks = (batch[k] for k in ("rows", "masks", "adv", "aux", "aux_masks"))
     device = adv.device
@@ -448,24 +448,24 @@ def policy_update(model, ref, optimizer, batch, cfg, world_size, where):
     chunks = [slice(i, i + cfg.micro_batch) for i in range(0, len(rows), cfg.micro_batch)]
     t0 = time.time()
     with torch.no_grad(), mixed_precision(device, cfg.dtype):
-        old = [masked_logprobs(raw_model, rows[c], masks[c], device, cfg.temperature)[0] for c in chunks]
-        refs = [masked_logprobs(ref, rows[c], masks[c], device, cfg.temperature)[0] for c in chunks]
+        score = lambda m, wanted: [masked_logprobs(m, rows[c], masks[c], device, cfg.temperature)[0] if wanted
+                                   else None for c in chunks]
+        old, refs = score(raw_model, cfg.ppo_epochs > 1), score(ref, cfg.beta != 0)
     stats = dict(kl=0.0, clipped=0.0, entropy=0.0, aux=0.0, n_tokens=n_tokens, time_score=time.time() - t0)
     raw_model.train()
     for epoch in range(cfg.ppo_epochs):
         epoch_loss = 0.0
         for c, old_logp, ref_logp in zip(chunks, old, refs):
             with mixed_precision(device, cfg.dtype):
-                logp, mask, logits = masked_logprobs(model, rows[c], masks[c], device, cfg.temperature)
+                logp, mask, entropy = masked_logprobs(model, rows[c], masks[c], device, cfg.temperature, epoch == 0)
+            old_logp, ref_logp = (logp.detach() if x is None else x for x in (old_logp, ref_logp))
             loss, (kl, clipped) = rl_loss(logp, old_logp, ref_logp, mask, adv[c], cfg, n_seqs, n_tokens)
             (loss * world_size).backward()  # DDP averages over ranks; the counts are already global
             epoch_loss += loss.item()
             if epoch == 0:  # KL, clip fraction and entropy beside the loss, for the log
-                with torch.no_grad():
-                    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
                 stats["kl"] += kl
                 stats["clipped"] += clipped
-                stats["entropy"] += (entropy * mask).sum().item()
+                stats["entropy"] += entropy.sum().item()
         for i in range(0, len(aux), cfg.micro_batch):
             with mixed_precision(device, cfg.dtype):
                 nll = aux_loss(model, aux[i:i + cfg.micro_batch], aux_masks[i:i + cfg.micro_batch], device, n_aux)
@@ -527,7 +527,8 @@ def train_rl(cfg, model, tok, device, rank, world_size):
             with mixed_precision(device, cfg.dtype):
                 record["val_acc"] = accuracy(raw_model, tok, val, cfg.max_new_tokens)
         run.log(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc_full']:.2f}", kl=f"{record['kl']:.4f}")
+        kl = f"{record['kl']:.4f}" if cfg.beta else "-"  # beta = 0: pi_ref is never scored
+        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['acc_full']:.2f}", kl=kl)
         if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
             run.save(raw_model, tok, optimizer, step + 1, {"stage": "rl", "filter": counts})
     run.save(raw_model, tok, optimizer, cfg.rl_steps, {"stage": "rl", "filter": counts})
@@ -544,7 +545,7 @@ def rl_record(batch, stats, cfg, device):
     return {"reward": rew / n_a, "reward_outcome": ok_a / n_a, "reward_dsu_bonus": (rew - ok_a) / n_a,
             "acc_full": ok_a / n_a, "acc_partial": ok_b / n_b if n_b else None,
             "p_full_minus_partial": ok_a / n_a - ok_b / n_b if n_b else None,
-            "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" else None, "kl": kl / n_tok,
+            "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" else None, "kl": kl / n_tok if cfg.beta else None,
             "clip_frac": clipped / n_tok, "entropy": ent / n_tok, "aux_loss": aux if batch["aux"] else None,
             "loss": stats["loss"], "grad_norm": stats["grad_norm"], "frac_zero_std": zero_std / n_q,
             "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from configurator import UserError, atomic_write, cli, parse_config, pick_device
 from gpt2_files import CONV1D_WEIGHTS, read_gpt2
+from logprobs import TargetLogprobs
 from tokenizer import decode_generated, get_tokenizer, tokenizer_from_state
 
 
@@ -174,13 +175,15 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx, targets=None, attn_mask=None, positions=None, kv_cache=None, return_hidden=False):
+    def forward(self, idx, targets=None, attn_mask=None, positions=None, kv_cache=None, return_hidden=False,
+                head=True):
         """idx (B, T) token ids. attn_mask (B, T) bool, True = real token (False = padding).
         positions (B, T) position ids; by default each row counts its own real tokens, so a
         left-padded row gets exactly the positions it would have alone. targets (B, T) with -1
         = ignored, already shifted by the caller (logits[:, t] predicts targets[:, t]).
         Returns full-sequence logits (B, T, V), the loss, and with return_hidden the residual
-        stream: [embeddings, after block 1, ..., after block L] (the last one before ln_f)."""
+        stream: [embeddings, after block 1, ..., after block L] (the last one before ln_f).
+        head=False returns the final hidden states (B, T, C), after ln_f, in place of the logits."""
         B, T = idx.size()
         mask = None  # the fast path (training): every token is real, plain causal attention
         if attn_mask is not None or kv_cache is not None:
@@ -201,10 +204,11 @@ class GPT(nn.Module):
                 hidden.append(x)
         if kv_cache is not None:
             kv_cache.length += T
-        with torch.autocast(idx.device.type, enabled=False):  # fp32 logits under bf16 autocast: bf16 rounds
-            logits = self.lm_head(self.transformer.ln_f(x.float()))  # GPT-2's (tens) to 0.25  (B, T, V)
+        with torch.autocast(idx.device.type, enabled=False):  # fp32 under bf16 autocast: bf16 rounds GPT-2's
+            x = self.transformer.ln_f(x.float())              # logits (tens) to steps of 0.25
+            logits = self.lm_head(x) if head else x  # (B, T, V), or the final hidden states (B, T, C)
         loss = None
-        if targets is not None:
+        if targets is not None and head:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
@@ -244,8 +248,8 @@ class GPT(nn.Module):
             idx[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         real = torch.arange(longest, device=device)[None, :] >= (longest - lengths)[:, None]
         cache = kv_cache or KVCache(self.config, B, longest + max_new_tokens, device, self.transformer.wte.weight.dtype)
-        logits, _ = self(idx, attn_mask=real, kv_cache=cache)
-        logits = logits[:, -1].repeat_interleave(num_samples, dim=0)  # (N, V)
+        hidden, _ = self(idx, attn_mask=real, kv_cache=cache, head=False)  # the head on the last position only
+        logits = self.lm_head(hidden[:, -1]).repeat_interleave(num_samples, dim=0)  # (N, V)
         if num_samples > 1:
             cache.repeat_interleave(num_samples)
         stops = [torch.tensor(s, device=device) for s in (stop_ids or [])]
@@ -322,16 +326,17 @@ def pad_rows(rows, device, fill=0):
     return out
 
 
-def sequence_logprobs(model, idx, attn_mask=None, temperature=1.0, return_logits=False):
-    """log p(idx[:, t+1] | idx[:, :t+1]) for t = 0..T-2, in fp32: shape (B, T-1). The logits at
-    position t score token t+1, hence the shift. Logits are divided by the sampling temperature so
-    the scored policy is the sampling policy. Right padding needs no mask (causal)."""
-    logits, _ = model(idx, attn_mask=attn_mask)
-    logits = logits[:, :-1].float()
-    if temperature not in (0, 1):
-        logits = logits / temperature
-    logp = logits.log_softmax(-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
-    return (logp, logits) if return_logits else logp
+def token_logprobs(model, idx, targets, temperature=1.0, entropy=False):
+    """log p(targets[b, t] | idx[b, :t+1]) in fp32, (B, T), 0 where targets is -1 (shifted by the
+    caller: the logits at t score token t+1), and with entropy the policy's entropy there (else None).
+    Only the targeted positions meet the head, a chunk at a time (logprobs.py): no (B, T, V) logits.
+    Logits are divided by the sampling temperature (0, greedy: by 1): the scored policy is the one
+    that sampled. Right padding needs no mask (causal)."""
+    hidden, _ = model(idx, head=False)  # through forward, so DDP sees every use of the weights
+    keep, weight = targets != -1, getattr(model, "module", model).lm_head.weight
+    lp, ent = TargetLogprobs.apply(hidden[keep], weight, targets[keep], temperature or 1.0, entropy)
+    scatter = lambda values: torch.zeros(targets.shape, device=idx.device).masked_scatter(keep, values)
+    return scatter(lp), scatter(ent) if entropy else None
 
 # ---------------------------------------------------------------------------------------------
 # checkpoints: one dict (config, weights, optimizer, step, RNG, tokenizer map, provenance)

@@ -120,6 +120,35 @@ def test_kl_positive_and_finite_after_one_update():
     assert 0 < second["kl"] < float("inf")
 
 
+def kept_gradient(model, ref, batch, cfg):
+    """policy_update's gradient, the optimizer step switched off."""
+    optimizer = model.configure_optimizer(0.0, 0.0)
+    optimizer.step = lambda: None
+    optimizer.zero_grad = lambda set_to_none=True: None
+    policy_update(model, ref, optimizer, batch, cfg, 1, "in the test")
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("beta", [0.04, 0.0])
+def test_one_epoch_reuses_the_update_forward_and_beta_zero_skips_the_reference(beta):
+    """ppo_epochs = 1: pi_old's log-probs are the update's own, detached (no separate pass), and
+    the gradient is the one from a separately scored pi_old. beta = 0: pi_ref is never scored
+    (None would fail), and the gradient is the one with a reference scored and weighted by 0."""
+    rows, masks = rollout_rows()
+    batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
+    cfg = Config(algo="grpo", beta=beta, micro_batch=8, aux_coef=0.0, grad_clip=1e9)
+    got = kept_gradient(nano(), nano(seed=1) if beta else None, batch, cfg)
+    model, ref = nano(), nano(seed=1)
+    with torch.no_grad():
+        old, _, _ = masked_logprobs(model, rows, masks, "cpu", 1.0)
+        ref_logp, _, _ = masked_logprobs(ref, rows, masks, "cpu", 1.0)
+    logp, mask, _ = masked_logprobs(model, rows, masks, "cpu", 1.0)
+    rl_loss(logp, old, ref_logp, mask, batch["adv"], cfg, 2, float(mask.sum()))[0].backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_masked_tokens_get_exactly_zero_gradient():
     """Prompt, probe-question and post-EOS padding positions: d loss / d logp == 0 exactly."""
     model = nano()
@@ -180,14 +209,9 @@ def test_gradient_accumulation_equals_full_batch():
     aux, aux_masks = [[5, 6, 7, 8, 39]] * 3, [[0, 0, 1, 1, 1]] * 3
     grads = []
     for micro in (6, 4, 1):
-        model, ref = nano(), nano(seed=1)
         cfg = Config(algo="exgrpo", beta=0.04, micro_batch=micro, aux_coef=0.1, rl_lr=0.0)
-        optimizer = model.configure_optimizer(0.0, 0.0)
-        optimizer.step = lambda: None  # keep the gradient to compare
-        optimizer.zero_grad = lambda set_to_none=True: None
         batch = dict(rows=rows, masks=masks, adv=adv, aux=aux, aux_masks=aux_masks)
-        policy_update(model, ref, optimizer, batch, cfg, 1, "in the test")
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        grads.append(kept_gradient(nano(), nano(seed=1), batch, cfg))
     assert torch.allclose(grads[0], grads[1], atol=1e-7) and torch.allclose(grads[0], grads[2], atol=1e-7)
 
 
@@ -327,13 +351,13 @@ def test_rl_resume_equals_uninterrupted_run(data_dir, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, monkeypatch):
-    real, calls = torch.nn.functional.cross_entropy, []
+    real, calls = distill_rl.summed_nll, []
 
     def nan_on_second_step(*args, **kwargs):
         calls.append(1)
         out = real(*args, **kwargs)
         return out * float("nan") if len(calls) == 2 else out
-    monkeypatch.setattr(distill_rl.F, "cross_entropy", nan_on_second_step)
+    monkeypatch.setattr(distill_rl, "summed_nll", nan_on_second_step)
     with pytest.raises(SystemExit, match=r"loss nan .* at step 2; the last good checkpoint .*nan_run.pt\) is intact"):
         sft(data_dir, "--max_iters=4", "--name=nan_run", "--ckpt_interval=1", "--eval_interval=100")
     assert load_checkpoint(os.path.join(data_dir, "ckpt", "nan_run.pt"))["step"] == 1

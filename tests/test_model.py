@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gpt2_files as G
+import logprobs
 import model as M
 from model import GPT, GPTConfig
 from tokenizer import CompactTokenizer, get_tokenizer
@@ -206,6 +207,7 @@ def test_return_hidden(gpt):
     for layer, block in enumerate(tr.h):  # hidden[l] is the residual stream after block l
         torch.testing.assert_close(hidden[layer + 1], block(hidden[layer], None, None, layer), atol=1e-6, rtol=0)
     torch.testing.assert_close(gpt.lm_head(tr.ln_f(hidden[-1])), logits, atol=0, rtol=0)
+    torch.testing.assert_close(gpt(idx, head=False)[0], tr.ln_f(hidden[-1]), atol=0, rtol=0)
 
 
 def test_loss_ignores_minus_one(gpt):
@@ -368,19 +370,94 @@ def manual_logprobs(model, prompt, completion, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @torch.no_grad()
-def test_sequence_logprobs_of_right_padded_rows_equal_token_by_token(gpt, temperature):
-    """The way the RL loss scores rollouts: prompt + completion rows, right-padded, one forward."""
+def test_token_logprobs_of_right_padded_rows_equal_token_by_token(gpt, temperature):
+    """The way the RL loss scores rollouts: prompt + completion rows, right-padded, one forward,
+    only the completion tokens targeted."""
     prompts, completions = prompts_of([4, 7, 1], seed=2), prompts_of([5, 2, 6], seed=3)
-    rows = [p + c for p, c in zip(prompts, completions)]
-    logp = M.sequence_logprobs(gpt, M.pad_rows(rows, "cpu"), temperature=temperature)
-    assert logp.shape == (3, 8) and logp.dtype == torch.float32  # rows of 9, 9 and 7 tokens
+    idx = M.pad_rows([p + c for p, c in zip(prompts, completions)], "cpu")  # rows of 9, 9 and 7 tokens
+    targets = torch.full((3, 8), -1)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        targets[i, len(p) - 1:len(p) - 1 + len(c)] = torch.tensor(c)
+    logp, entropy = M.token_logprobs(gpt, idx[:, :-1], targets, temperature=temperature)
+    assert logp.shape == (3, 8) and logp.dtype == torch.float32 and entropy is None
+    assert torch.all(logp[targets == -1] == 0)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ref = torch.tensor(manual_logprobs(gpt, p, c, temperature))
         torch.testing.assert_close(logp[i, len(p) - 1:len(p) - 1 + len(c)], ref, atol=1e-5, rtol=0)
-        torch.testing.assert_close(logp[i, len(p) - 1:len(p) - 1 + len(c)].sum(), ref.sum(), atol=1e-5, rtol=1e-6)
-    full = M.sequence_logprobs(gpt, torch.tensor([rows[1]]), temperature=temperature)
-    torch.testing.assert_close(full[0], torch.tensor(manual_logprobs(gpt, rows[1][:1], rows[1][1:], temperature)),
-                               atol=1e-5, rtol=0)
+
+
+def scoring_case(vocab=100):
+    """A standard-init model (log-probs of a few units, so fp32 resolves 1e-6), right-padded rows
+    and a random target mask that never covers the padding."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=vocab, block_size=64))
+    rows = prompts_of([9, 5, 12, 3], vocab=vocab, seed=4)
+    idx = M.pad_rows(rows, "cpu", fill=7)
+    real = torch.arange(idx.size(1) - 1)[None] < torch.tensor([len(r) - 1 for r in rows])[:, None]
+    keep = (torch.rand(real.shape, generator=torch.Generator().manual_seed(0)) < 0.6) & real
+    return model, idx[:, :-1], idx[:, 1:].masked_fill(~keep, -1), keep
+
+
+def full_logprobs(model, x, targets, temperature):
+    """The reference: every position through the head, (B, T, V) log-softmax, then gather."""
+    logp = (model(x)[0].float() / temperature).log_softmax(-1)
+    return logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [2**23, 300])  # one chunk; several of 3 rows (V = 100), the last one short
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_equal_the_full_sequence_ones(monkeypatch, chunk, temperature):
+    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", chunk)
+    model, x, targets, keep = scoring_case()
+    with torch.no_grad():
+        logp, entropy = M.token_logprobs(model, x, targets, temperature, entropy=True)
+        ref, ref_entropy = full_logprobs(model, x, targets, temperature)
+    assert ref[keep].std() > 0.01  # the test could tell a shifted position apart
+    torch.testing.assert_close(logp[keep], ref[keep], atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy[keep], ref_entropy[keep], atol=1e-5, rtol=0)  # a sum of V terms, reordered
+    assert torch.all(logp[~keep] == 0) and torch.all(entropy[~keep] == 0)
+
+
+@pytest.mark.parametrize("keep", [0, 300, 2**28])  # every chunk's logits recomputed; the first kept; all kept
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_gradient_equals_the_full_paths(monkeypatch, temperature, keep):
+    """The chunked backward gives every parameter the gradient that autograd through the full
+    (B, T, V) log-softmax gives, whether a chunk's softmax was kept or is recomputed."""
+    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 300)
+    monkeypatch.setattr(logprobs, "KEEP_LOGITS", keep)
+    model, x, targets, keep = scoring_case()
+    weights = torch.randn(keep.shape, generator=torch.Generator().manual_seed(1)) * keep
+    grads = []
+    for score in (lambda: M.token_logprobs(model, x, targets, temperature)[0],
+                  lambda: full_logprobs(model, x, targets, temperature)[0]):
+        model.zero_grad()
+        (score() * weights).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [0, 600])
+def test_token_logprobs_never_builds_full_logits(monkeypatch, keep):
+    """The head module is never called, no chunk of logits holds more than CHUNK_LOGITS, backward
+    recomputes exactly the chunks beyond KEEP_LOGITS, and without grad every chunk is recomputed
+    (nothing was kept)."""
+    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 300)  # 3 rows of V = 100
+    monkeypatch.setattr(logprobs, "KEEP_LOGITS", keep)
+    model, x, targets, mask = scoring_case()
+    model.lm_head.register_forward_hook(lambda *_: pytest.fail("token_logprobs ran the full head"))
+    rows, chunk = [], logprobs.logits_chunk
+    monkeypatch.setattr(logprobs, "logits_chunk", lambda h, *a: rows.append(len(h)) or chunk(h, *a))
+    M.token_logprobs(model, x, targets, entropy=True)[0].sum().backward()
+    n = int(mask.sum())
+    assert sum(rows) == 2 * n - keep // 100  # forward: every targeted position; backward: those not kept
+    assert max(rows) == 3
+    contexts, forward = [], logprobs.TargetLogprobs.forward
+    monkeypatch.setattr(logprobs.TargetLogprobs, "forward", staticmethod(lambda ctx, *a: contexts.append(ctx)
+                                                                         or forward(ctx, *a)))
+    with torch.no_grad():
+        M.token_logprobs(model, x, targets)
+    assert contexts[0].kept.numel() == 0
 
 # ---------------------------------------------------------------------------------------------
 # bad weight files
