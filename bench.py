@@ -249,7 +249,7 @@ LIMITS = dict(**dict.fromkeys(("batch", "seq_len", "gen_batch", "prompt_len", "n
 
 def main(argv):
     cfg = parse_config(BenchConfig(), argv, LIMITS)
-    unknown = [name for name in cfg.shapes.split(",") if name not in PRESETS]
+    unknown = [name for name in cfg.shapes.split(",") if name and name not in PRESETS]
     if unknown:
         raise SystemExit(f"--shapes: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     set_threads(cfg.threads)

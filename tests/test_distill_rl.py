@@ -290,9 +290,9 @@ def test_bf16_autocast_path_on_cpu(data_dir):
     model, rows, masks = nano(), *rollout_rows()
     fp32 = masked_logprobs(model, rows, masks, "cpu", 1.0)[0]
     with torch.no_grad(), mixed_precision("cpu", "bfloat16"):
-        bf16, _, logits = masked_logprobs(model, rows, masks, "cpu", 1.0)
+        bf16, _, entropy = masked_logprobs(model, rows, masks, "cpu", 1.0, True)
         assert KVCache(model.config, 2, 8, "cpu", torch.float32).k.dtype == torch.bfloat16
-    assert bf16.dtype == logits.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert bf16.dtype == entropy.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert 0 < (bf16 - fp32).abs().max() < 0.05
     cfg = Config(algo="grpo", micro_batch=8, aux_coef=0.0, dtype="bfloat16")
     batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
