@@ -22,16 +22,13 @@ stage=rl   one loop, three algorithms, on the questions the difficulty filter ke
              baseline is the question's overall success rate and a fired bonus lifts correct full
              dialogues above correct partial ones. Plus aux_coef * L_aux (Eq. 8): the NLL of the
              teacher's probe responses, teacher-forced in the dialogue.
-Where the paper is silent we chose (flags marked [ours] below, except the first): one k' per
-question; the student writes the probe answers, and they are actions trained like the final answer;
-Scenario B gets no gradient; loss_agg=constant sums the step's token terms over sequences x
-max_new_tokens (Dr. GRPO), so a final-answer token weighs the same in one-turn GRPO and in EXGRPO
-(seq, the token mean per sequence, lets EXGRPO's probe answers dilute its final answer to ~0.4 of
-GRPO's weight; token, one mean over the step's tokens as DAPO, dilutes it too); EI-SFT shows probes
-as teacher-forced dialogues ending in Q (ei_format=single: the paper's one-probe pairs). Rollouts
-are sampled at `temperature` without top-k and scored at the same temperature; EOS is trained,
-what follows it is masked; pi_old is the policy that sampled (ppo_epochs passes per batch); pi_ref is the starting
-checkpoint, frozen. The loss starts near 0 by construction: watch the reward.
+Where the paper is silent we chose (the flags marked [ours]): one k' per question; the student writes
+the probe answers, trained like the final answer; Scenario B gets no gradient; loss_agg=constant
+(Dr. GRPO: the token sum over sequences x max_new_tokens), so a final-answer token weighs the same
+in one-turn GRPO and in EXGRPO (a per-sequence mean would let the probe answers dilute it); EI-SFT
+shows probes as teacher-forced dialogues ending in Q. Rollouts are sampled at `temperature`, no
+top-k, and scored at it; EOS is trained, what follows masked; pi_ref is the starting checkpoint,
+frozen. The loss starts near 0 by construction: watch the reward.
 
     python distill_rl.py config/cpu_tiny.py --stage=sft --data=ei
     python distill_rl.py config/cpu_tiny.py --stage=rl --algo=exgrpo --init=out/default/ckpt/sft_ei.pt
@@ -51,9 +48,9 @@ from tqdm import tqdm
 
 from configurator import cli, mixed_precision, parse_config, pick_device, set_threads
 from model import KVCache, pad_rows, token_logprobs
-from tasks import accuracy, greedy_answers, is_correct, prompt_ids, response_ids
-from training import (Run, all_reduce_sum, check_config, init_student, load_data, optimizer_step, run_lock, setup_ddp,
-                      unwrap)
+from tasks import accuracy, greedy_answers, is_correct, prompt_ids, response_ids, sft_batch, sft_examples
+from training import (Run, all_reduce_sum, check_config, evaluate_sft, get_lr, init_student, load_data,
+                      optimizer_step, rl_metrics, run_lock, setup_ddp, summed_nll, unwrap)
 
 
 @dataclass
@@ -130,19 +127,15 @@ def difficulty_filter(records, answer_fn, tau_hard=1):
     texts. Returns (kept records, counts of kept and of each kind dropped)."""
     flat = [(i, pr) for i, r in enumerate(records) for pr in r["probes"]]
     said = answer_fn([pr["question"] for _, pr in flat]) if flat else []
-    if len(said) != len(flat):
-        raise ValueError(f"answer_fn gave {len(said)} responses for {len(flat)} probe questions")
+    assert len(said) == len(flat), f"answer_fn gave {len(said)} responses for {len(flat)} probe questions"
     right = Counter()
     for (i, pr), t in zip(flat, said):
         right[i] += is_correct(records[i]["world"], t, pr["answer"], pr["question"])
-    counts, kept = dict(kept=0, dropped_all_correct=0, dropped_too_few=0, dropped_no_probes=0), []
-    for i, r in enumerate(records):
-        n = len(r["probes"])
-        key = ("dropped_no_probes" if n == 0 else "dropped_all_correct" if right[i] == n
-               else "dropped_too_few" if right[i] < tau_hard else "kept")
-        counts[key] += 1
-        kept += [r] if key == "kept" else []
-    return kept, counts
+    counts = dict(kept=0, dropped_all_correct=0, dropped_too_few=0, dropped_no_probes=0)
+    keys = [("dropped_no_probes" if not r["probes"] else "dropped_all_correct" if right[i] == len(r["probes"])
+             else "dropped_too_few" if right[i] < tau_hard else "kept") for i, r in enumerate(records)]
+    counts.update(Counter(keys))
+    return [r for r, key in zip(records, keys) if key == "kept"], counts
 
 # --- dialogues (Scenarios A and B), then rollouts --------------------------------------------
 
@@ -336,13 +329,6 @@ def rollout_batch(model, tok, records, cfg, rng, device):
 # --- stage 2: SFT ----------------------------------------------------------------------------
 
 
-def sft_examples(tok, records):
-    """Per record, the token pairs (prompt, response) of Q and of each of its EI probes."""
-    pair = lambda q, r: (prompt_ids(tok, q), response_ids(tok, r))
-    return [(pair(r["question"], r["rationale"]), [pair(p["question"], p["rationale"]) for p in r["probes"]])
-            for r in records]
-
-
 def ei_example(g, pool, cfg):
     """One EI-SFT example. ei_format=single: one probe -> teacher response (the paper's D_EI pair).
     ei_format=dialogue [ours]: 1..k of a question's probes with the teacher's answers, then the
@@ -352,32 +338,6 @@ def ei_example(g, pool, cfg):
     if cfg.ei_format == "single":
         return [probes[g.randrange(len(probes))]]
     return g.sample(probes, g.randint(1, min(cfg.k, len(probes)))) + [question]
-
-
-def sft_batch(examples, device):
-    """(x, y) for teacher forcing. An example is a list of (prompt, response) turns; x is their
-    concatenation without its last token, y the next tokens with -1 on prompts and on padding,
-    so only responses (EOS included) are trained."""
-    seqs = [[t for p, r in ex for t in p + r] for ex in examples]
-    labels = [[t for p, r in ex for t in [-1] * len(p) + r] for ex in examples]
-    return pad_rows(seqs, device)[:, :-1], pad_rows(labels, device, fill=-1)[:, 1:]
-
-
-def summed_nll(model, x, y):
-    """L_SFT summed over the trained targets of (x, y) (-1: not trained)."""
-    return -token_logprobs(model, x, y)[0].sum()
-
-
-@torch.no_grad()
-def evaluate_sft(model, tok, val, cfg, device):
-    """Validation loss (teacher-forced, original questions) and greedy accuracy."""
-    model.eval()
-    examples = [[question] for question, _ in sft_examples(tok, val)]
-    nll = sum(summed_nll(model, *sft_batch(examples[i:i + cfg.batch_size], device)).item()
-              for i in range(0, len(examples), cfg.batch_size))
-    result = {"val_loss": nll / sum(len(r) for [(_, r)] in examples), "val_acc": accuracy(model, tok, val, cfg.max_new_tokens)}
-    model.train()
-    return result
 
 
 def train_sft(cfg, model, tok, device, rank, world_size):
@@ -491,9 +451,8 @@ def rl_questions(cfg, train, ref, tok, rank):
         if rank == 0:
             tqdm.write(f"difficulty filter (tau_hard={cfg.tau_hard}): {counts}")
     if len(pool) < cfg.rl_batch_size:
-        raise SystemExit(f"only {len(pool)} RL questions (difficulty filter: {counts}); need --rl_batch_size="
-                         f"{cfg.rl_batch_size}. Lower --tau_hard, set --difficulty=False or train the SFT "
-                         f"student longer.")
+        raise SystemExit(f"only {len(pool)} RL questions ({counts}) for --rl_batch_size={cfg.rl_batch_size}: lower "
+                         f"--tau_hard, set --difficulty=False or train the SFT student longer.")
     return pool, counts
 
 
@@ -518,7 +477,7 @@ def train_rl(cfg, model, tok, device, rank, world_size):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, cfg, cfg.rl_lr, cfg.rl_steps, cfg.rl_warmup)
         stats = policy_update(model, ref, optimizer, batch, cfg, world_size, run.where(step))
-        record = rl_record(batch, stats, cfg, device)
+        record = rl_metrics(batch, stats, cfg, device)
         record.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], time_sample=t_sample,
                       time_update=time.time() - t0 - t_sample - stats["time_score"], time_score=stats["time_score"],
                       time_step=time.time() - t0)
@@ -534,36 +493,7 @@ def train_rl(cfg, model, tok, device, rank, world_size):
     run.save(raw_model, tok, optimizer, cfg.rl_steps, {"stage": "rl", "filter": counts})
 
 
-def rl_record(batch, stats, cfg, device):
-    """The step's metrics, summed over DDP ranks (TRL-style names where they exist)."""
-    cf, cp, rewards, lens = batch["correct_full"], batch["correct_partial"], batch["rewards"], batch["lens"]
-    sums = all_reduce_sum([cf.sum(), cf.numel(), cp.sum(), cp.numel(), rewards.sum(), batch["fired"].sum(),
-                           cf.size(0), (batch["groups"].std(1, unbiased=False) == 0).sum(), stats["kl"], stats["clipped"],
-                           stats["entropy"], sum(lens), stats["aux"]], device)
-    ok_a, n_a, ok_b, n_b, rew, fired, n_q, zero_std, kl, clipped, ent, gen_tokens, aux = sums
-    n_tok = stats["n_tokens"]
-    return {"reward": rew / n_a, "reward_outcome": ok_a / n_a, "reward_dsu_bonus": (rew - ok_a) / n_a,
-            "acc_full": ok_a / n_a, "acc_partial": ok_b / n_b if n_b else None,
-            "p_full_minus_partial": ok_a / n_a - ok_b / n_b if n_b else None,
-            "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" else None, "kl": kl / n_tok if cfg.beta else None,
-            "clip_frac": clipped / n_tok, "entropy": ent / n_tok, "aux_loss": aux if batch["aux"] else None,
-            "loss": stats["loss"], "grad_norm": stats["grad_norm"], "frac_zero_std": zero_std / n_q,
-            "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens,
-            "tokens_trained": n_tok, "max_position": max(map(len, batch["rows"])) - 2}
-
-# --- plumbing: the learning-rate schedule and main (data, the student, logs: training.py) ----
-
-
-def get_lr(step, cfg, peak, total, warmup):
-    # 1) linear warmup to peak: AdamW's first updates rest on few gradients
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    # 2) RL: then constant
-    if cfg.stage == "rl":
-        return peak
-    # 3) SFT: cosine decay from peak down to peak * min_lr_ratio at the last step
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+# --- plumbing: main (the schedule, data, the student, logs and metrics: training.py) ----------
 
 
 def main(argv):

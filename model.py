@@ -47,8 +47,7 @@ PRESETS = {
     "nano": dict(n_layer=2, n_head=2, n_embd=32, block_size=128),   # tests
 }
 
-# ---------------------------------------------------------------------------------------------
-# the blocks
+# --- the blocks ----------------------------------------------------------------------------
 
 
 class KVCache:
@@ -175,8 +174,7 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx, targets=None, attn_mask=None, positions=None, kv_cache=None, return_hidden=False,
-                head=True):
+    def forward(self, idx, targets=None, attn_mask=None, positions=None, kv_cache=None, return_hidden=False, head=True):
         """idx (B, T) token ids. attn_mask (B, T) bool, True = real token (False = padding).
         positions (B, T) position ids; by default each row counts its own real tokens, so a
         left-padded row gets exactly the positions it would have alone. targets (B, T) with -1
@@ -195,7 +193,8 @@ class GPT(nn.Module):
         elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
         if positions.max() >= self.config.block_size:
-            raise UserError(f"position {int(positions.max())} is past block_size {self.config.block_size}: shorten the input")
+            raise UserError(f"position {int(positions.max())} is past block_size {self.config.block_size}: "
+                            "shorten the input")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         hidden = [x] if return_hidden else None
         for layer, block in enumerate(self.transformer.h):
@@ -207,9 +206,8 @@ class GPT(nn.Module):
         with torch.autocast(idx.device.type, enabled=False):  # fp32 under bf16 autocast: bf16 rounds GPT-2's
             x = self.transformer.ln_f(x.float())              # logits (tens) to steps of 0.25
             logits = self.lm_head(x) if head else x  # (B, T, V), or the final hidden states (B, T, C)
-        loss = None
-        if targets is not None and head:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        loss = None if targets is None or not head else F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)  # logits are fp32 already
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95)):
@@ -266,16 +264,14 @@ class GPT(nn.Module):
             if (bool(done.all()) or t == max_new_tokens - 1) and kv_cache is None:
                 break  # nobody will read the cache: the last tokens need not go through the model
             # the token that stopped a row is context for a later turn; filler after it is not
-            logits, _ = self(nxt[:, None], attn_mask=~was_done[:, None], kv_cache=cache)
-            logits = logits[:, -1]
+            logits = self(nxt[:, None], attn_mask=~was_done[:, None], kv_cache=cache)[0][:, -1]
             if bool(done.all()):
                 break
         self.train(was_training)
         T_new = int(mask.sum(1).max())
         return out[:, :T_new], mask[:, :T_new]
 
-    # -----------------------------------------------------------------------------------------
-    # GPT-2 weights
+    # --- GPT-2 weights -------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path):
@@ -298,8 +294,7 @@ class GPT(nn.Module):
                 target.copy_(t.float())
         return model
 
-# ---------------------------------------------------------------------------------------------
-# sampling and log-prob helpers
+# --- sampling and log-prob helpers -----------------------------------------------------------
 
 
 def sample_next(logits, temperature, top_k, gen):
@@ -338,8 +333,7 @@ def token_logprobs(model, idx, targets, temperature=1.0, entropy=False):
     scatter = lambda values: torch.zeros(targets.shape, device=idx.device).masked_scatter(keep, values)
     return scatter(lp), scatter(ent) if entropy else None
 
-# ---------------------------------------------------------------------------------------------
-# checkpoints: one dict (config, weights, optimizer, step, RNG, tokenizer map, provenance)
+# --- checkpoints: one dict (config, weights, optimizer, step, RNG, tokenizer map, provenance) --
 
 
 def save_checkpoint(path, model, tokenizer, optimizer=None, step=0, extra=None):
@@ -347,9 +341,8 @@ def save_checkpoint(path, model, tokenizer, optimizer=None, step=0, extra=None):
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    ckpt = {"config": dataclasses.asdict(model.config), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None, "step": step,
-            "rng": rng, "tokenizer": tokenizer.state(),
+    ckpt = {"config": dataclasses.asdict(model.config), "model": model.state_dict(), "rng": rng, "step": step,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None, "tokenizer": tokenizer.state(),
             "provenance": {"argv": sys.argv, "torch": torch.__version__}, "extra": extra or {}}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     buffer = io.BytesIO()
@@ -407,7 +400,8 @@ class SampleConfig:
     device: str = "auto"
 
 
-LIMITS = dict(num_samples="[1, inf)", max_new_tokens="[1, inf)", temperature="[0, inf)", top_k="[0, inf)", seed="[0, inf)")
+LIMITS = dict(num_samples="[1, inf)", max_new_tokens="[1, inf)", temperature="[0, inf)", top_k="[0, inf)",
+              seed="[0, inf)")
 
 
 def main(argv):

@@ -36,6 +36,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from model import pad_rows
 from tokenizer import decode_generated
 
 # 'train' entities fill the asked roles (who acts, what is counted or held) of every split but ood_names,
@@ -901,3 +902,19 @@ def accuracy(model, tok, records, max_new_tokens):
     answers = greedy_answers(model, tok, [r["question"] for r in records], max_new_tokens)
     right = sum(is_correct(r["world"], a, r["answer"], r["question"]) for r, a in zip(records, answers))
     return right / max(1, len(records))
+
+
+def sft_examples(tok, records):
+    """Per record, the token pairs (prompt, response) of Q and of each of its EI probes."""
+    pair = lambda q, r: (prompt_ids(tok, q), response_ids(tok, r))
+    return [(pair(r["question"], r["rationale"]), [pair(p["question"], p["rationale"]) for p in r["probes"]])
+            for r in records]
+
+
+def sft_batch(examples, device):
+    """(x, y) for teacher forcing. An example is a list of (prompt, response) turns; x is their
+    concatenation without its last token, y the next tokens with -1 on prompts and on padding,
+    so only responses (EOS included) are trained."""
+    seqs = [[t for p, r in ex for t in p + r] for ex in examples]
+    labels = [[t for p, r in ex for t in [-1] * len(p) + r] for ex in examples]
+    return pad_rows(seqs, device)[:, :-1], pad_rows(labels, device, fill=-1)[:, 1:]

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from configurator import UserError, atomic_write, check_fields, file_lock
-from model import GPT, GPTConfig, load_checkpoint, load_model, load_state, save_checkpoint
-from tasks import load_records, read_split
+from model import GPT, GPTConfig, load_checkpoint, load_model, load_state, save_checkpoint, token_logprobs
+from tasks import accuracy, load_records, read_split, sft_batch, sft_examples
 from tokenizer import CompactTokenizer
 
 
@@ -246,3 +246,54 @@ def check_config(cfg, world_size):
         if not ok:
             raise SystemExit(message)
     check_fresh(cfg)
+
+
+def get_lr(step, cfg, peak, total, warmup):
+    """The learning rate of a step of SFT (warmup, cosine decay) or RL (warmup, constant)."""
+    # 1) linear warmup to peak: AdamW's first updates rest on few gradients
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    # 2) RL: then constant
+    if cfg.stage == "rl":
+        return peak
+    # 3) SFT: cosine decay from peak down to peak * min_lr_ratio at the last step
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def rl_metrics(batch, stats, cfg, device):
+    """An RL step's log line: rewards per component, both scenarios' accuracy, the DSU fire rate, KL,
+    clip fraction, entropy, zero-std groups, lengths and tokens trained, summed over DDP ranks
+    (TRL-style names where they exist)."""
+    cf, cp, rewards, lens = batch["correct_full"], batch["correct_partial"], batch["rewards"], batch["lens"]
+    sums = all_reduce_sum([cf.sum(), cf.numel(), cp.sum(), cp.numel(), rewards.sum(), batch["fired"].sum(),
+                           cf.size(0), (batch["groups"].std(1, unbiased=False) == 0).sum(), stats["kl"], stats["clipped"],
+                           stats["entropy"], sum(lens), stats["aux"]], device)
+    ok_a, n_a, ok_b, n_b, rew, fired, n_q, zero_std, kl, clipped, ent, gen_tokens, aux = sums
+    n_tok = stats["n_tokens"]
+    return {"reward": rew / n_a, "reward_outcome": ok_a / n_a, "reward_dsu_bonus": (rew - ok_a) / n_a,
+            "acc_full": ok_a / n_a, "acc_partial": ok_b / n_b if n_b else None,
+            "p_full_minus_partial": ok_a / n_a - ok_b / n_b if n_b else None,
+            "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" else None, "kl": kl / n_tok if cfg.beta else None,
+            "clip_frac": clipped / n_tok, "entropy": ent / n_tok, "aux_loss": aux if batch["aux"] else None,
+            "loss": stats["loss"], "grad_norm": stats["grad_norm"], "frac_zero_std": zero_std / n_q,
+            "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens,
+            "tokens_trained": n_tok, "max_position": max(map(len, batch["rows"])) - 2}
+
+
+def summed_nll(model, x, y):
+    """L_SFT summed over the trained targets of (x, y) (-1: not trained)."""
+    return -token_logprobs(model, x, y)[0].sum()
+
+
+@torch.no_grad()
+def evaluate_sft(model, tok, val, cfg, device):
+    """Validation loss (teacher-forced, original questions) and greedy accuracy."""
+    model.eval()
+    examples = [[question] for question, _ in sft_examples(tok, val)]
+    nll = sum(summed_nll(model, *sft_batch(examples[i:i + cfg.batch_size], device)).item()
+              for i in range(0, len(examples), cfg.batch_size))
+    result = {"val_loss": nll / sum(len(r) for [(_, r)] in examples),
+              "val_acc": accuracy(model, tok, val, cfg.max_new_tokens)}
+    model.train()
+    return result
