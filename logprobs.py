@@ -28,8 +28,8 @@ class TargetLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, y, temperature, entropy):
         V = weight.size(0)
         rows = max(1, CHUNK_LOGITS // V)
-        kept = torch.empty(min(len(y), KEEP_LOGITS // V // rows * rows) if ctx.needs_input_grad[0] else 0, V,
-                           device=h.device)  # one allocation: chunk-sized ones would fragment the CPU heap
+        ctx.base, kept = keep_buffer(min(len(y), KEEP_LOGITS // V // rows * rows) if ctx.needs_input_grad[0] else 0, V,
+                                     h.device)
         lp, lse, ent = (torch.empty(n, device=h.device) for n in (len(y), len(y), len(y) if entropy else 0))
         for s in (slice(i, min(i + rows, len(y))) for i in range(0, len(y), rows)):
             z = logits_chunk(h[s], weight, temperature)
@@ -58,8 +58,23 @@ class TargetLogprobs(torch.autograd.Function):
             dz = p.mul_(-g[s, None]).scatter_add_(1, y[s, None], g[s, None]).to(h.dtype)  # g (onehot(y) - p)
             grad_h[s] = dz @ weight
             grad_w.addmm_(dz.t(), h[s])
-        ctx.kept = ctx.kept.new_empty(0)  # spoilt in place and freed: a second backward recomputes
+        SPARE[:] = [max(SPARE + [ctx.base], key=torch.numel)]  # spoilt in place: the next forward may reuse
+        ctx.kept = ctx.base = ctx.kept.new_empty(0)              # it; a second backward recomputes
         return grad_h, grad_w, None, None, None
+
+
+SPARE = []  # the largest keep buffer whose backward has run: fresh pages cost ~0.3 s per GiB on CPU
+
+
+def keep_buffer(n, V, device):
+    """(base, an (n, V) view of it) for the kept softmax: one allocation (chunk-sized ones would
+    fragment the CPU heap), or the spare one when it is big enough. A buffer is only reused after
+    its own backward, so two forwards in flight never share one."""
+    if n and SPARE and SPARE[0].device == device and SPARE[0].numel() >= n * V:
+        base = SPARE.pop()
+        return base, base[:n * V].view(n, V)
+    base = torch.empty(n * V, device=device)
+    return base, base.view(n, V)
 
 
 def logits_chunk(h, weight, temperature):

@@ -202,6 +202,7 @@ class Arith(World):
 
 class Coin(World):
     name, latent_name = 'coin', 'side'
+    ACT, OBJECT, ASKED = 'flip', 'coin', 'whether the coin is heads up'  # for the rules Light shares
     INIT = ('A coin is {s} up.', 'The coin starts {s} up.')
     EVENT = {'flip': ('{n} flips the coin.', '{n} turns the coin over.'),
              'keep': ('{n} does not flip the coin.', '{n} leaves the coin alone.')}
@@ -241,20 +242,20 @@ class Coin(World):
                 'no' if c % 2 else 'yes')
 
     def cause(self, p, states):
-        flips = [i for i, e in enumerate(p.events) if e[0] == 'flip']
-        if not flips:
+        acts = [i for i, e in enumerate(p.events) if e[0] == self.ACT]
+        if not acts:
             return None
-        i = flips[-1]
-        who = p.events[i][1]
-        return 'Who is the last person to flip the coin?', f'The last flip is the {ORD[i]} event, by {who}.', who
+        i, who = acts[-1], p.events[acts[-1]][1]
+        return (f'Who is the last person to {self.ACT} the {self.OBJECT}?',
+                f'The last {self.ACT} is the {ORD[i]} event, by {who}.', who)
 
     def premise(self, p, states, rng):
-        flippers = [e[1] for e in p.events if e[0] == 'flip']
-        return ('person', rng.choice(flippers), 'whether the coin is heads up') if flippers else None
+        actors = [e[1] for e in p.events if e[0] == self.ACT]
+        return ('person', rng.choice(actors), self.ASKED) if actors else None
 
     def perturb(self, p, rng):
         i = rng.randrange(len(p.events))
-        e = ({'flip': 'keep', 'keep': 'flip'}[p.events[i][0]], p.events[i][1])
+        e = ({self.ACT: 'keep', 'keep': self.ACT}[p.events[i][0]], p.events[i][1])
         return replace(p, events=p.events[:i] + [e] + p.events[i + 1:]), self.event_text(p, e, p.tpl[i + 1])
 
     def analogue(self, p, rng):
@@ -264,30 +265,29 @@ class Coin(World):
         return alt if alt.events != p.events else None
 
 
-class Light(World):
+class Light(Coin):
     """coin with three states: each press moves the light one colour along red -> green -> blue -> red.
     The same local update as coin (read the event, step the state), with three answers (chance 1/3)
     and a random first colour, so every answer is equally likely."""
     name, latent_name = 'light', 'colour'
+    ACT, OBJECT, ASKED = 'press', 'button', 'the colour of the light'
     COLOURS = ('red', 'green', 'blue')
     INIT = ('A light is {s}.', 'The light starts {s}.')
     EVENT = {'press': ('{n} presses the button.', '{n} pushes the button.'),
              'keep': ('{n} does not press the button.', '{n} leaves the button alone.')}
 
+    query, value = World.query, World.value  # not coin's: its "still heads up?" and side names
+
     def sample(self, rng, n, pool, reverse):
         return {}, rng.choice(self.COLOURS), [(rng.choice(['press', 'keep']), name) for name in rng.sample(NAMES[pool], n)]
 
     def step(self, s, e): return s if e[0] == 'keep' else self.COLOURS[(self.COLOURS.index(s) + 1) % 3]
-    def people(self, p): return [e[1] for e in p.events]
-    def init_text(self, p, s, t): return self.INIT[t % 2].format(s=s)
-    def event_text(self, p, e, t): return self.EVENT[e[0]][t % 2].format(n=e[1])
     def ask(self, p, when): return f'What colour is the light {when}?'
     def now_text(self, p, s): return f'Now the light is {s}.'
     def back_query(self, p): return 'What colour was the light at first?'
     def step_text(self, a, e, b, p): return f"{e[1]} {'presses' if e[0] == 'press' else 'does not press'}, {b}."
     def undo_text(self, b, e, a, p): return f"Undo: {e[1]} {'presses' if e[0] == 'press' else 'does not press'}, {a}."
     def answer(self, p, s): return s
-    def latent(self, p, s): return s
     def claim(self, p, v): return f'the light is {v}'
     def what(self, p): return 'the colour of the light'
     def wrong(self, p, s, rng): return rng.choice(others(self.COLOURS, [s]))
@@ -302,23 +302,6 @@ class Light(World):
         return ('Is the light the same colour now as before the events?',
                 f"The button is pressed {plural(c, 'time')}, and {c} is {'' if c % 3 == 0 else 'not '}a multiple of 3.",
                 'yes' if c % 3 == 0 else 'no')
-
-    def cause(self, p, states):
-        presses = [i for i, e in enumerate(p.events) if e[0] == 'press']
-        if not presses:
-            return None
-        i = presses[-1]
-        who = p.events[i][1]
-        return 'Who is the last person to press the button?', f'The last press is the {ORD[i]} event, by {who}.', who
-
-    def premise(self, p, states, rng):
-        pressers = [e[1] for e in p.events if e[0] == 'press']
-        return ('person', rng.choice(pressers), 'the colour of the light') if pressers else None
-
-    def perturb(self, p, rng):
-        i = rng.randrange(len(p.events))
-        e = ({'press': 'keep', 'keep': 'press'}[p.events[i][0]], p.events[i][1])
-        return replace(p, events=p.events[:i] + [e] + p.events[i + 1:]), self.event_text(p, e, p.tpl[i + 1])
 
     def analogue(self, p, rng):
         fresh = others(NAMES['train'], self.people(p))
