@@ -5,18 +5,18 @@
 #      questions, seeds 1-3 (100% is step 1's rows);
 #   3. one report over every folder on every test problem (paired bootstrap intervals), copied
 #      here with its JSON and figures.
-# About two hours on 2 cores. Every training resumes where it stopped, so a killed study restarts
+# About 2.5 hours on 2 cores (the RL budget of config/study.py). Every training resumes where it stopped, so a killed study restarts
 # with the same command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-out/study}
-bash run.sh --seeds "1 2 3 4 5" --out "$out" --resume
+bash run.sh --preset "config/cpu_tiny.py config/study.py" --seeds "1 2 3 4 5" --out "$out" --resume
 pids=""
 for seed in 1 2 3; do
     run=$out/seed$seed
     for fraction in 0.1 0.25; do
         tag=f$(python -c "print(round($fraction * 100))")
-        train="python distill_rl.py config/cpu_tiny.py --out_dir=$run --seed=$seed --data_fraction=$fraction --resume=True"
+        train="python distill_rl.py config/cpu_tiny.py config/study.py --out_dir=$run --seed=$seed --data_fraction=$fraction --resume=True"
         ( $train --stage=sft --data=qa --name=sft_qa_$tag
           $train --stage=sft --data=ei --name=sft_ei_$tag
           $train --stage=rl --init=$run/ckpt/sft_ei_$tag.pt --algo=exgrpo --name=rl_exgrpo_$tag
