@@ -80,11 +80,15 @@ def test_mixed_precision_on_cpu_is_fp32_and_leaves_tf32_alone():
         C.mixed_precision("cpu", "float16")
 
 
-def test_mixed_precision_on_cuda_is_bf16_autocast_with_tf32(monkeypatch):
-    """The CUDA branch, taken by name (no GPU needed to choose it): bf16 autocast and TF32 matmuls."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", torch.backends.cuda.matmul.fp32_precision)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a CPU-only build warns that it disables CUDA autocast
-        ctx = C.mixed_precision("cuda:0")
-    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
-    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+def test_mixed_precision_on_cuda_is_bf16_autocast_with_tf32():
+    """The CUDA branch, taken by name (no GPU needed to choose it): bf16 autocast and TF32 matmuls.
+    The setting is restored by hand: pytest's monkeypatch cannot undo torch's backend attributes."""
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a CPU-only build warns that it disables CUDA autocast
+            ctx = C.mixed_precision("cuda:0")
+        assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
