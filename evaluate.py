@@ -283,8 +283,9 @@ def difference_section(methods, order, splits):
         mean, lo, hi = paired_bootstrap(d)
         mark = "" if lo <= 0 <= hi else " *"
         return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
-    rows = [[f"{label(a)} − {label(b)}", str(len(diffs(a, b, splits) if diffs(a, b, splits) is not None else []))]
-            + [cell(a, b, [s]) for s in splits] + [cell(a, b, splits)] for a, b in pairs]
+    seeds = lambda a, b: len({e["run"] for e in methods[a]} & {e["run"] for e in methods[b]})
+    rows = [[f"{label(a)} − {label(b)}", str(seeds(a, b))] + [cell(a, b, [s]) for s in splits] + [cell(a, b, splits)]
+            for a, b in pairs]
     return ["## Paired differences with 95% bootstrap intervals", "",
             "Accuracy difference in percentage points, mean over seeds and problems, with a 95% interval "
             "from resampling seeds and problems (paired: same seed, same problems). * = the interval "

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from configurator import atomic_write, cli, parse_config, pick_device, set_threads
 from model import GPT, load_model, pad_rows
-from tasks import is_correct, load_records, prompt_ids
+from tasks import is_correct, load_records, prompt_ids, read_split
 from tokenizer import decode_generated
 
 
@@ -370,7 +370,7 @@ def parse_checkpoints(spec):
 
 def select_records(cfg):
     path = cfg.data if cfg.data.endswith(".jsonl") else os.path.join(cfg.data, f"{cfg.split}.jsonl")
-    records = load_records(path)
+    records = load_records(path) if cfg.data.endswith(".jsonl") else read_split(cfg.data, cfg.split)
     worlds = sorted({r["world"] for r in records})
     records = [r for r in records if r["world"] == cfg.world]
     if not records:
