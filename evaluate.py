@@ -261,6 +261,59 @@ def paired_bootstrap(diffs, n_boot=2000, seed=0):
     return float(diffs.mean()), float(lo), float(hi)
 
 
+def rise(curves, share=0.2, n_boot=2000, seed=0):
+    """How far a logged value rose over training: the mean of its last `share` of steps minus the
+    mean of its first, averaged over the run folders (one per-step series each). Returns
+    (first, last, rise, lo, hi): the two window means, their difference and a 95% percentile interval
+    from resampling run folders and, within each, the steps of both windows."""
+    rng = np.random.default_rng(seed)
+    windows = [(np.asarray(c[:w], float), np.asarray(c[-w:], float))
+               for c in curves for w in [max(1, round(share * len(c)))]]
+    first, last = (float(np.mean([w[i].mean() for w in windows])) for i in (0, 1))
+    draws = [np.mean([b[rng.integers(0, len(b), len(b))].mean() - a[rng.integers(0, len(a), len(a))].mean()
+                      for a, b in (windows[i] for i in rng.integers(0, len(windows), len(windows)))])
+             for _ in range(n_boot)]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return first, last, last - first, float(lo), float(hi)
+
+
+def rl_section(methods, order):
+    """The diagnostics reported beside the accuracies, from each RL row's training logs (mean over its
+    run folders): did the outcome reward rise, how far the policy moved from the reference, how many
+    groups carried no signal, how often the DSU bonus fired, what was trained."""
+    rows = []
+    for m in order:
+        logs = [[r for r in read_log(path) if "acc_full" in r]
+                for e in methods[m] for path in [os.path.join(e["run"], "logs", f"{m}.jsonl")] if os.path.isfile(path)]
+        logs = [log for log in logs if log]
+        if not logs:
+            continue
+
+        def mean(key, steps=slice(None)):  # over every logged step of every run folder, or a slice of each
+            values = [r[key] for log in logs for r in log[steps] if r.get(key) is not None]
+            return statistics.mean(values) if values else None
+        first, last, up, lo, hi = rise([[r["acc_full"] for r in log] for log in logs])
+        rows.append([label(m), str(len(logs)), str(max(map(len, logs))), f"{first:.3f} → {last:.3f}",
+                     f"{up:+.3f} [{lo:+.3f}, {hi:+.3f}]" + ("" if lo <= 0 <= hi else " *"),
+                     _num(mean("kl", slice(-5, None)), ".4f"), _num(mean("frac_zero_std"), ".2f"),
+                     _num(mean("dsu_fire_rate"), ".2f"), _num(mean("tokens_trained"), ".0f"),
+                     _num(max((r["max_position"] for log in logs for r in log if "max_position" in r), default=None), "d")])
+    if not rows:
+        return []
+    return ["## RL diagnostics", "",
+            "From the training logs, mean over the run folders. Outcome reward: Scenario A accuracy of the "
+            "rollouts, mean of the first vs the last 20% of steps, and their difference with a 95% interval "
+            "(resampling run folders and steps; * = excludes 0). Final KL: mean of the last 5 steps. "
+            "Zero-std groups, DSU fire rate and tokens trained: mean per step; last position: the longest "
+            "trained row.", "",
+            md_table(["method", "n", "steps", "outcome reward", "rise", "final KL", "zero-std groups",
+                      "DSU fire rate", "tokens trained / step", "last position"], rows), ""]
+
+
+def _num(value, spec):
+    return "–" if value is None else format(value, spec)
+
+
 def difference_section(methods, order, splits):
     """Paired bootstrap CIs of accuracy differences (percentage points), per split and over all of
     them: each method against vanilla SFT and EI-SFT, and the bonus and aux rows against the row
@@ -425,7 +478,8 @@ def write_report(cfg, runs, splits, entries, report_dir):
               + ". Cells: accuracy in % (mean ± sample std over the n run folders when n > 1); a split pools "
               "its worlds; mean = the mean over the splits.")
     out = (["# Evaluation report", "", header, ""] + accuracy_sections(methods, order, splits, report_dir)
-           + difference_section(methods, order, splits) + probe_section(methods, order, report_dir) + linear_probe_section(runs, report_dir)
+           + difference_section(methods, order, splits) + rl_section(methods, order)
+           + probe_section(methods, order, report_dir) + linear_probe_section(runs, report_dir)
            + curve_section(methods, order, report_dir)
            + efficiency_section(entries, report_dir))
     atomic_write(os.path.join(report_dir, "report.md"), "\n".join(out))

@@ -252,3 +252,23 @@ def test_paired_bootstrap_by_hand():
     assert evaluate.paired_bootstrap(d) == (mean, lo, hi)  # seeded: the same interval every time
     wide = evaluate.paired_bootstrap(d[:, :4])
     assert wide[2] - wide[1] > hi - lo  # fewer problems, a wider interval
+
+
+def test_rise_by_hand():
+    step_up = [0, 0, 1, 0, 0, 1, 1, 0, 1, 1]  # 20% of 10 steps = 2: first window (0, 0), last (1, 1)
+    assert evaluate.rise([step_up]) == (0.0, 1.0, 1.0, 1.0, 1.0)
+    flat = [0.5] * 10
+    first, last, up, lo, hi = evaluate.rise([step_up, flat])
+    assert (first, last, up) == (0.25, 0.75, 0.5)
+    assert 0 <= lo < up < hi <= 1  # resampling the two run folders spreads the rise between 0 and 1
+    noisy = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0]  # windows of 4: means 0.5 and 0.5
+    assert evaluate.rise([noisy])[2] == 0 and evaluate.rise([noisy])[3] < 0 < evaluate.rise([noisy])[4]
+
+
+def test_rl_diagnostics_come_from_the_logs(stub_runs):
+    tmp_path, _ = stub_runs
+    report, _ = run_main(tmp_path)
+    # stub log: 5 steps of acc_full 0.4, kl 0.01 * step, fire rate 0.3; 20% of 5 steps = 1 step per window
+    assert cells(report, "RL diagnostics", ["EXGRPO (rl_exgrpo)"]) == [
+        "1", "5", "0.400 → 0.400", "+0.000 [+0.000, +0.000]", "0.0300", "–", "0.30", "–", "–"]
+    assert "vanilla SFT" not in report.split("## RL diagnostics")[1].split("\n## ")[0]  # SFT logs hold no rollouts
