@@ -314,36 +314,52 @@ def _num(value, spec):
     return "–" if value is None else format(value, spec)
 
 
-def difference_section(methods, order, splits):
+def difference_section(methods, order, splits, report_dir):
     """Paired bootstrap CIs of accuracy differences (percentage points), per split and over all of
     them: each method against vanilla SFT and EI-SFT, and the bonus and aux rows against the row
-    below them. Pairs are matched by run folder (seed)."""
+    below them. Pairs are matched by run folder (seed). The all-splits intervals are also drawn."""
     pairs = [(m, b) for b in BASELINES if b in methods for m in order if m != b and m not in BASELINES[:1]]
     pairs += [p for p in PAIRS if p[0] in methods and p[1] in methods]
     if not pairs or not all("correct" in e for es in methods.values() for e in es):
         return []
 
-    def diffs(a, b, chosen):
+    def interval(a, b, chosen):
         by_run = {e["run"]: e for e in methods[b]}
         rows = [[int(x) - int(y) for s in chosen for x, y in zip(e["correct"][s], by_run[e["run"]]["correct"][s])]
                 for e in methods[a] if e["run"] in by_run]
-        return np.array(rows, dtype=float) if rows and rows[0] else None
+        return paired_bootstrap(np.array(rows, dtype=float)) if rows and rows[0] else None
 
-    def cell(a, b, chosen):
-        d = diffs(a, b, chosen)
-        if d is None:
+    def cell(ci):
+        if ci is None:
             return "–"
-        mean, lo, hi = paired_bootstrap(d)
-        mark = "" if lo <= 0 <= hi else " *"
-        return f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+        mean, lo, hi = (100 * v for v in ci)
+        return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" + ("" if lo <= 0 <= hi else " *")
     seeds = lambda a, b: len({e["run"] for e in methods[a]} & {e["run"] for e in methods[b]})
-    rows = [[f"{label(a)} − {label(b)}", str(seeds(a, b))] + [cell(a, b, [s]) for s in splits] + [cell(a, b, splits)]
-            for a, b in pairs]
+    pooled_ci = {(a, b): interval(a, b, splits) for a, b in pairs}
+    rows = [[f"{label(a)} − {label(b)}", str(seeds(a, b))] + [cell(interval(a, b, [s])) for s in splits]
+            + [cell(pooled_ci[a, b])] for a, b in pairs]
+    drawn = [(f"{label(a)} − {label(b)}", ci) for (a, b), ci in pooled_ci.items() if ci is not None]
+    if drawn:
+        forest_chart(os.path.join(report_dir, "differences.png"), drawn)
     return ["## Paired differences with 95% bootstrap intervals", "",
             "Accuracy difference in percentage points, mean over seeds and problems, with a 95% interval "
             "from resampling seeds and problems (paired: same seed, same problems). * = the interval "
             "excludes 0; without it the two rows are not separable at this power.", "",
-            md_table(["difference", "seeds"] + splits + ["all splits"], rows), ""]
+            md_table(["difference", "seeds"] + splits + ["all splits"], rows), ""] + (
+        ["![paired differences over all splits](differences.png)", ""] if drawn else [])
+
+
+def forest_chart(path, drawn):
+    """One horizontal interval per difference (all splits pooled), top to bottom, a line at 0."""
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(drawn) + 1.2))
+    y = np.arange(len(drawn))[::-1]
+    means, los, his = (np.array([100 * ci[i] for _, ci in drawn]) for i in range(3))
+    ax.errorbar(means, y, xerr=[means - los, his - means], fmt="o", capsize=3)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_yticks(y, [name for name, _ in drawn], fontsize=7)
+    ax.set(xlabel="accuracy difference, all splits (percentage points, 95% interval)",
+           title="Paired differences")
+    save(fig, path)
 
 
 def probe_section(methods, order, report_dir):
@@ -478,7 +494,7 @@ def write_report(cfg, runs, splits, entries, report_dir):
               + ". Cells: accuracy in % (mean ± sample std over the n run folders when n > 1); a split pools "
               "its worlds; mean = the mean over the splits.")
     out = (["# Evaluation report", "", header, ""] + accuracy_sections(methods, order, splits, report_dir)
-           + difference_section(methods, order, splits) + rl_section(methods, order)
+           + difference_section(methods, order, splits, report_dir) + rl_section(methods, order)
            + probe_section(methods, order, report_dir) + linear_probe_section(runs, report_dir)
            + curve_section(methods, order, report_dir)
            + efficiency_section(entries, report_dir))

@@ -155,7 +155,8 @@ def test_report_lists_every_split_and_method_in_order_and_writes_plots(stub_runs
     assert cells(report, "Accuracy per world", ["method", "world"]) == SPLITS
     assert report.index("vanilla SFT (sft_qa)") < report.index("EXGRPO (rl_exgrpo)") < report.index("| sft_qa_f25")
     folder = tmp_path / "all" / "report"
-    for png in ("accuracy.png", "ei_probes.png", "curves_sft.png", "curves_rl.png", "data_efficiency.png"):
+    for png in ("accuracy.png", "ei_probes.png", "curves_sft.png", "curves_rl.png", "data_efficiency.png",
+                "differences.png"):
         assert f"]({png})" in report
         image = matplotlib.image.imread(str(folder / png))
         assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0  # a drawn figure, not blank
