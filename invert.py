@@ -4,7 +4,7 @@
     python invert.py --teacher=out/x/ckpt/sft_ei.pt     # a checkpoint of ours as the teacher
     python invert.py --input_jsonl=mine.jsonl           # a user's records -> out/user-mine/data
 
-Problems (tasks.py) -> the teacher's rationale (a problem it gets wrong is dropped) -> the EI rules
+Problems (worlds.py) -> the teacher's rationale (a problem it gets wrong is dropped) -> the EI rules
 -> the teacher answers each EI probe (a probe it gets wrong is dropped) -> consistency filter (Eq. 1:
 the teacher re-answers Q with the probe dialogue in front; the probe stays only if it still gets A)
 -> out_dir/data/{split}.jsonl (every world in one file per split, in world order) and stats.json.
@@ -25,14 +25,15 @@ import tasks
 from configurator import atomic_write, cli, parse_config, pick_device
 from model import load_model
 from tokenizer import decode_generated, get_tokenizer
-from tasks import SPLITS, dialogue_ids, is_correct, load_records, prompt_ids, response_ids
+from tasks import dialogue_ids, is_correct, load_records, prompt_ids, response_ids
+from worlds import OOD_SPLITS, ORD, SPLITS, WORLDS, make_dataset
 
 
 @dataclass
 class Config:
     out_dir: str = ''                         # writes out_dir/data/{split}.jsonl and stats.json; default
                                               # out/default, or out/user-<file stem> with input_jsonl
-    worlds: str = 'arith,coin,date,swap'      # comma-separated worlds of tasks.py (light too)
+    worlds: str = 'arith,coin,date,swap'      # comma-separated worlds of worlds.py (light too)
     n_train: int = 2000                       # problems per world in train
     n_val: int = 200                          # ... in val and in each validation copy val_ood_*
     n_test: int = 300                         # ... in test_id
@@ -50,7 +51,7 @@ class Config:
     reverse_share: float = 0.1                # train questions asked backwards (ood_reverse's rare skill)
     rules: str = ','.join(tasks.DEFAULT_RULES)  # EI rules; adding 'inverse' gives the RevThink-style data
     seed: int = 1337
-    teacher: str = 'oracle'                   # 'oracle' (tasks.py, exact) or a checkpoint answering greedily
+    teacher: str = 'oracle'                   # 'oracle' (the exact solver) or a checkpoint answering greedily
     teacher_batch: int = 64                   # prompts per generate call of a checkpoint teacher
     teacher_max_new_tokens: int = 128
     device: str = 'cpu'
@@ -168,14 +169,14 @@ def curate(teacher, records, rules):
 
 
 def synthetic(cfg, worlds, rules):
-    """{split: records} from tasks.py's worlds, the training split through the teacher, and stats."""
+    """{split: records} from worlds.py's worlds, the training split through the teacher, and stats."""
     sizes = {'train': cfg.n_train, 'val': cfg.n_val, 'test_id': cfg.n_test, 'ood_long': cfg.n_ood,
-             'ood_reverse': cfg.n_ood, 'ood_names': cfg.n_ood} | {f'val_{s}': cfg.n_val for s in tasks.OOD_SPLITS}
+             'ood_reverse': cfg.n_ood, 'ood_names': cfg.n_ood} | {f'val_{s}': cfg.n_val for s in OOD_SPLITS}
     teacher = None if cfg.teacher == 'oracle' else CheckpointTeacher(cfg.teacher, cfg.device, cfg.teacher_batch,
                                                                      cfg.teacher_max_new_tokens)
     data, filters = {s: [] for s in SPLITS}, {}
     for world in worlds:
-        problems = tasks.make_dataset(world, sizes, cfg.seed, (cfg.min_events, cfg.max_events),
+        problems = make_dataset(world, sizes, cfg.seed, (cfg.min_events, cfg.max_events),
                                       (cfg.long_min_events, cfg.long_max_events), (cfg.min_facts, cfg.max_facts),
                                       (cfg.long_min_facts, cfg.long_max_facts), cfg.reverse_share,
                                       cfg.facts_decay)
@@ -191,7 +192,7 @@ def synthetic(cfg, worlds, rules):
 def user_data(cfg):
     """The user's records, each in its split (train unless it says otherwise: test_id records are what
     evaluate.py scores); with a checkpoint teacher, train through the consistency filter (the oracle only
-    knows tasks.py's questions, so with it the user's probes are kept as they are)."""
+    knows the generated questions, so with it the user's probes are kept as they are)."""
     data = {}
     for r in load_records(cfg.input_jsonl):
         if r['split'] not in SPLITS:
@@ -202,7 +203,7 @@ def user_data(cfg):
         raise SystemExit(f'{cfg.input_jsonl} has no training records (those without a split, or with split train)')
     data = {s: data[s] for s in SPLITS if s in data}
     if cfg.teacher == 'oracle':
-        return data, {'consistency_filter': 'skipped: the oracle only knows tasks.py questions'}
+        return data, {'consistency_filter': 'skipped: the oracle only knows the generated questions'}
     teacher = CheckpointTeacher(cfg.teacher, cfg.device, cfg.teacher_batch, cfg.teacher_max_new_tokens)
     data['train'], removed = consistency_filter(teacher, data['train'])
     return data, {'train_filters': {'removed_inconsistent': removed}}
@@ -228,10 +229,10 @@ def build(cfg):
     """Write out_dir/data/*.jsonl and stats.json (never over data made with other settings, unless
     cfg.overwrite); return (data, stats)."""
     worlds, rules = cfg.worlds.split(','), cfg.rules.split(',')
-    for what, names, known in (('world', worlds, tasks.WORLDS), ('rule', rules, tasks.EI_RULES)):
+    for what, names, known in (('world', worlds, WORLDS), ('rule', rules, tasks.EI_RULES)):
         if not set(names) <= set(known):
             raise SystemExit(f"unknown {what} {sorted(set(names) - set(known))}; choose from {','.join(known)}")
-    if not 1 <= cfg.min_events <= cfg.max_events < cfg.long_min_events <= cfg.long_max_events <= len(tasks.ORD):
+    if not 1 <= cfg.min_events <= cfg.max_events < cfg.long_min_events <= cfg.long_max_events <= len(ORD):
         raise SystemExit('need 1 <= min_events <= max_events < long_min_events <= long_max_events <= 10 '
                          '(ood_long must be longer than every training problem)')
     stem = os.path.splitext(os.path.basename(cfg.input_jsonl))[0]

@@ -8,7 +8,7 @@ inference format) and read the residual stream at named token positions, at ever
     positions=event   the last token of event sentence i ("... flips the coin."), one row per event
     positions=last    the last question token, just before "\nA:" (the query's "?"; swap: the "." after its options)
     positions=prompt  the last prompt token (the ":" of "A:"), where the answer is produced
-Targets come from the records' latent states (tasks.py: arith the last digit of the count, coin
+Targets come from the records' latent states (worlds.py: arith the last digit of the count, coin
 the side up, date the month, swap what the asked-about person holds): target=state is the state
 after event i at event rows, the final state at last/prompt rows; target=answer is the answer.
 Per layer we fit a softmax logistic-regression probe (full batch, AdamW, fixed iterations) and the
@@ -112,7 +112,7 @@ def probe_rows(tok, record, positions, target):
     latent = record.get("latent")
     if not latent:
         raise SystemExit(f"record {record['id']} has no latent states: linear probes need the latent field "
-                         f"that invert.py writes for tasks.py's worlds")
+                         f"that invert.py writes for worlds.py's worlds")
     states, ends = latent["states"], latent["event_ends"]
     if len(states) != len(ends) + 1:
         raise SystemExit(f"record {record['id']}: {len(states)} latent states for {len(ends)} events (want events + 1)")

@@ -11,6 +11,7 @@ import torch
 
 import invert
 import tasks
+import worlds
 from model import GPT, GPTConfig, save_checkpoint
 from tokenizer import CompactTokenizer
 
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def records():
     out = []
     for world in ('arith', 'swap'):
-        for p in tasks.make_dataset(world, {'train': 6}, seed=5)['train']:
+        for p in worlds.make_dataset(world, {'train': 6}, seed=5)['train']:
             out.append(tasks.to_record(p, tasks.ei_probes(p, seed=5)))
     return out
 
@@ -115,7 +116,7 @@ def test_rerun_is_byte_identical_and_atomic(tmp_path):
     invert.build(cfg)
     folder = tmp_path / 'data'
     first = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
-    assert sorted(first) == sorted([f'{s}.jsonl' for s in tasks.SPLITS] + ['stats.json'])  # no temp files left
+    assert sorted(first) == sorted([f'{s}.jsonl' for s in worlds.SPLITS] + ['stats.json'])  # no temp files left
     invert.build(cfg)
     assert first == {f: (folder / f).read_bytes() for f in os.listdir(folder)}
     stats = json.loads(first['stats.json'])

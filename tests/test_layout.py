@@ -24,7 +24,7 @@ def imported_modules(name):
 def test_no_stage_imports_another_stage():
     scripts = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))]
     assert set(STAGES) <= set(scripts)
-    for name in scripts:  # the shared files (model, tasks, the helpers) import no stage either
+    for name in scripts:  # the shared files (model, worlds, tasks, the helpers) import no stage either
         wrong = imported_modules(name) & (set(STAGES) - {name})
         assert not wrong, f"{name}.py imports the stage(s) {sorted(wrong)}"
 

@@ -8,6 +8,7 @@ import torch
 
 import probe
 import tasks
+import worlds
 from model import GPT, PRESETS, GPTConfig, save_checkpoint
 from tokenizer import CompactTokenizer
 
@@ -179,7 +180,7 @@ def test_briefly_trained_student_carries_its_answer_at_the_last_layer(tmp_path):
     beats untrained. On this world the sequence length alone (layer 0) reads the answer at ~0.62
     against a majority of 0.48, and what brief training adds depends on the seed (last layer
     0.69-0.92 over 4 seeds)."""
-    problems = tasks.make_dataset("coin", {"train": 400, "test_id": 400}, seed=0, events=(1, 3), n_facts=0)
+    problems = worlds.make_dataset("coin", {"train": 400, "test_id": 400}, seed=0, events=(1, 3), n_facts=0)
     records = {s: [tasks.to_record(p) for p in ps] for s, ps in problems.items()}
     tok = CompactTokenizer.from_texts([f"Q: {r['question']}\nA: {r['rationale']}" for rs in records.values() for r in rs])
     rows = [tasks.prompt_ids(tok, r["question"]) + tasks.response_ids(tok, r["rationale"]) for r in records["train"]]
@@ -224,7 +225,7 @@ def test_briefly_trained_student_carries_its_answer_at_the_last_layer(tmp_path):
                                       "position": "the last event's token of each test problem"}
     edits, sel = result["checkpoints"]["trained"]["intervention"], result["checkpoints"]["trained"]["selectivity"]
     assert len(edits["toward"]) == len(edits["random"]) == 1 and edits["toward"][0][0] == edits["random"][0][0]
-    assert len(sel) == config.n_layer + 1 and result["control_types"] == len(tasks.NAMES["train"])
+    assert len(sel) == config.n_layer + 1 and result["control_types"] == len(worlds.NAMES["train"])
 
 
 def test_control_types_name_the_event(hand_made):
@@ -232,8 +233,8 @@ def test_control_types_name_the_event(hand_made):
     for r in records:
         actors = [s.split()[0] for s in r["question"].split(". ")[1:-1]]  # "Ann flips the coin" -> Ann
         assert probe.control_types(r, "event") == actors and probe.control_types(r, "last") == actors[-1:]
-    swap = tasks.to_record(tasks.make_dataset("swap", {"test_id": 1}, seed=0, n_facts=1)["test_id"][0])
-    p = tasks.make_dataset("swap", {"test_id": 1}, seed=0, n_facts=1)["test_id"][0]
+    swap = tasks.to_record(worlds.make_dataset("swap", {"test_id": 1}, seed=0, n_facts=1)["test_id"][0])
+    p = worlds.make_dataset("swap", {"test_id": 1}, seed=0, n_facts=1)["test_id"][0]
     assert probe.control_types(swap, "event") == [p.ctx["people"][e[1]] for e in p.events]
 
 # ---------------------------------------------------------------------------------------------

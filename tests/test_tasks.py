@@ -1,4 +1,4 @@
-"""tasks.py checked against an independent reading of the rendered text: every question is parsed back
+"""worlds.py and tasks.py checked against an independent reading of the rendered text: every question is parsed back
 with regexes, its events simulated here (datetime for dates), and every answer re-derived."""
 import collections
 import dataclasses
@@ -12,6 +12,7 @@ import pytest
 import invert
 import model
 import tasks
+import worlds
 
 WORLDS = ('arith', 'coin', 'light', 'date', 'swap')
 COLOURS = ('red', 'green', 'blue')
@@ -217,7 +218,7 @@ def data(request):
     backwards (ood_reverse, and the train share) also carries its problem asked forward ('forward'), whose
     story its probes restate."""
     world, out = request.param, {}
-    for split, ps in tasks.make_dataset(world, SIZES, seed=7, **design()).items():
+    for split, ps in worlds.make_dataset(world, SIZES, seed=7, **design()).items():
         out[split] = [tasks.to_record(p, tasks.ei_probes(p, tasks.EI_RULES, seed=7)) for p in ps]
         for r, p in zip(out[split], ps):
             if p.reverse:
@@ -233,7 +234,7 @@ def design():
                 reverse_share=c.reverse_share, facts_decay=c.facts_decay)
 
 
-ENTITIES = {pool: set(tasks.NAMES[pool] + tasks.ITEMS[pool] + tasks.OBJECTS[pool]) for pool in ('train', 'ood')}
+ENTITIES = {pool: set(worlds.NAMES[pool] + worlds.ITEMS[pool] + worlds.OBJECTS[pool]) for pool in ('train', 'ood')}
 
 
 def words(text):
@@ -278,9 +279,9 @@ def test_solver_agrees_with_independent_simulation(data):
 @pytest.mark.parametrize('world', WORLDS)
 def test_solver_on_many_seeds(world):
     for seed in range(8):
-        for ps in tasks.make_dataset(world, {s: 15 for s in tasks.SPLITS}, seed).values():
+        for ps in worlds.make_dataset(world, {s: 15 for s in worlds.SPLITS}, seed).values():
             for p in ps:
-                question, (_, ans) = tasks.question(p), tasks.solve(p)
+                question, (_, ans) = worlds.question(p), worlds.solve(p)
                 assert solve(world, read(world, question)) == ans, question
 
 
@@ -311,17 +312,17 @@ def test_ood_splits_are_out_of_distribution(data):
 def test_reverse_share_of_train(world):
     """The rare-skill regime: a few training questions, the same for every method, are asked backwards."""
     share = design()['reverse_share']
-    train = tasks.make_dataset(world, {'train': 2000}, seed=3, **design())['train']
+    train = worlds.make_dataset(world, {'train': 2000}, seed=3, **design())['train']
     got = sum(p.reverse for p in train) / len(train)
     assert 0 < share < 0.2 and abs(got - share) < 0.02
-    assert not any(p.reverse for p in tasks.make_dataset(world, {'train': 300}, seed=3)['train'])
+    assert not any(p.reverse for p in worlds.make_dataset(world, {'train': 300}, seed=3)['train'])
 
 
 def test_distractor_counts_are_skewed_short():
     """Most questions carry one or two distractor facts (cheap to train on), a few every count up to the
     maximum (they train the late positions)."""
     c = invert.Config()
-    train = tasks.make_dataset('coin', {'train': 2000}, seed=3, **design())['train']
+    train = worlds.make_dataset('coin', {'train': 2000}, seed=3, **design())['train']
     counts = collections.Counter(len(p.facts) for p in train)
     assert set(counts) == set(range(c.min_facts, c.max_facts + 1))
     assert (counts[c.min_facts] + counts[c.min_facts + 1]) / len(train) > 0.5  # uniform: 0.25
@@ -332,8 +333,8 @@ def test_ood_long_fits_the_trained_lengths(world):
     """Learned positions are trained by every sequence that reaches them: training questions (padded by
     distractor facts) must reach the longest ood_long question plus rationale, and not just once."""
     tok = model.get_tokenizer()
-    data = tasks.make_dataset(world, {'train': 2000, 'ood_long': 300}, seed=5, **design())
-    lengths = {s: [len(tasks.prompt_ids(tok, tasks.question(p))) + len(tasks.response_ids(tok, tasks.solve(p)[0]))
+    data = worlds.make_dataset(world, {'train': 2000, 'ood_long': 300}, seed=5, **design())
+    lengths = {s: [len(tasks.prompt_ids(tok, worlds.question(p))) + len(tasks.response_ids(tok, worlds.solve(p)[0]))
                    for p in ps] for s, ps in data.items()}
     assert sum(n >= max(lengths['ood_long']) for n in lengths['train']) >= 0.01 * len(lengths['train'])
 
@@ -341,27 +342,27 @@ def test_ood_long_fits_the_trained_lengths(world):
 def test_validation_copies_are_their_own_problems():
     """val_<split> comes from its own seed, shares no question with any test split, and adding it leaves
     the test splits as they were."""
-    tests = {s: 20 for s in ('test_id',) + tasks.OOD_SPLITS}
+    tests = {s: 20 for s in ('test_id',) + worlds.OOD_SPLITS}
     for world in WORLDS:
-        alone = tasks.make_dataset(world, tests, seed=2, **design())
-        both = tasks.make_dataset(world, {**tests, **{f'val_{s}': 20 for s in tasks.OOD_SPLITS}}, seed=2, **design())
-        assert all(list(map(tasks.question, alone[s])) == list(map(tasks.question, both[s])) for s in tests)
-        test_qs = {tasks.question(p) for s in tests for p in both[s]}
-        for s in tasks.OOD_SPLITS:
-            assert len({tasks.question(p) for p in both[f'val_{s}']} - test_qs) == 20
+        alone = worlds.make_dataset(world, tests, seed=2, **design())
+        both = worlds.make_dataset(world, {**tests, **{f'val_{s}': 20 for s in worlds.OOD_SPLITS}}, seed=2, **design())
+        assert all(list(map(worlds.question, alone[s])) == list(map(worlds.question, both[s])) for s in tests)
+        test_qs = {worlds.question(p) for s in tests for p in both[s]}
+        for s in worlds.OOD_SPLITS:
+            assert len({worlds.question(p) for p in both[f'val_{s}']} - test_qs) == 20
 
 
 def test_generation_is_deterministic():
     def dump(seed):
         return json.dumps({w: {s: [tasks.to_record(p, tasks.ei_probes(p)) for p in ps] for s, ps in
-                               tasks.make_dataset(w, {'train': 20, 'ood_long': 5}, seed).items()}
+                               worlds.make_dataset(w, {'train': 20, 'ood_long': 5}, seed).items()}
                            for w in WORLDS}, sort_keys=True)
     assert dump(3) == dump(3) != dump(4)
 
 
 def test_no_question_repeats_across_splits():
     for w in WORLDS:
-        qs = [tasks.question(p) for ps in tasks.make_dataset(w, {'train': 200, 'test_id': 100}, 0).values()
+        qs = [worlds.question(p) for ps in worlds.make_dataset(w, {'train': 200, 'test_id': 100}, 0).values()
               for p in ps]
         assert len(qs) == len(set(qs))
 
@@ -496,22 +497,22 @@ def test_default_probes_stay_in_training_format():
     makes a longer chain, or puts an OOD entity anywhere but in a distractor fact."""
     rule_worlds = {}
     for world in WORLDS:
-        train = tasks.make_dataset(world, {'train': 150}, seed=11, **{**design(), 'reverse_share': 0.3})['train']
+        train = worlds.make_dataset(world, {'train': 150}, seed=11, **{**design(), 'reverse_share': 0.3})['train']
         assert any(p.reverse for p in train)
         for p in train:
             fwd = dataclasses.replace(p, reverse=False)
-            ctx = read(world, tasks.question(fwd))['ctx']
+            ctx = read(world, worlds.question(fwd))['ctx']
             for pr in tasks.ei_probes(p, seed=11):
                 rule_worlds.setdefault(pr.rule, set()).add(world)
                 q = pr.question
                 assert 'at first' not in q and not re.search(r'(^|\. )Now ', q)
-                facts = read(world, q if pr.rule == 'analogy' else tasks.question(fwd))['fact_sents']
+                facts = read(world, q if pr.rule == 'analogy' else worlds.question(fwd))['fact_sents']
                 assert words(q) & ENTITIES['ood'] <= words(' '.join(facts))
                 if pr.rule == 'analogy':
                     assert len(read(world, q)['events']) == len(p.events)
                 else:  # the problem's own story, then at most one restated event
-                    assert q.startswith(tasks.story(fwd) + ' ')
-                    assert sum(is_event(world, ctx, s) for s in sentences(q[len(tasks.story(fwd)) + 1:])) <= 1
+                    assert q.startswith(worlds.story(fwd) + ' ')
+                    assert sum(is_event(world, ctx, s) for s in sentences(q[len(worlds.story(fwd)) + 1:])) <= 1
     assert set(rule_worlds) == set(tasks.DEFAULT_RULES)
     assert all(len(ws) >= 2 for ws in rule_worlds.values())
 
