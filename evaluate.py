@@ -57,7 +57,8 @@ LABELS = {"sft_qa": "vanilla SFT", "sft_ei": "EI-SFT", "rl_exgrpo_plain": "SFT +
 # the paired differences the report gives confidence intervals for: every row against both SFT
 # baselines, and the DSU bonus on its own
 BASELINES, PAIRS = ("sft_qa", "sft_ei"), (("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo_nobonus", "rl_exgrpo_plain"))
-SFT_CURVES, RL_CURVES = ("val_loss", "val_acc"), ("reward", "acc_full", "kl", "dsu_fire_rate")
+SFT_CURVES = ("val_loss", "val_acc")
+RL_CURVES = ("reward", "acc_full", "kl", "frac_zero_std", "dsu_fire_rate")
 
 
 def find_checkpoints(cfg, runs):
@@ -207,19 +208,28 @@ def bar_chart(path, title, groups, series):
 
 
 def curve_chart(path, title, logs, keys):
-    """One panel per logged metric vs step; one line per run, one colour per method."""
+    """One panel per logged metric vs step, one line per method: the mean over its runs at each
+    step, smoothed by a moving average over about a fifteenth of the steps (RL steps are noisy)."""
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.3), squeeze=False)
-    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _ in logs))}
+    methods = dict.fromkeys(m for m, _ in logs)
     for ax, key in zip(axes[0], keys):
-        shown = set()
-        for method, records in logs:
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), color=colours[method], marker="." if len(points) < 30 else None,
-                        label=method if method not in shown else "_nolegend_")
-                shown.add(method)
+        for i, method in enumerate(methods):
+            by_step = {}
+            for m, records in logs:
+                for r in records:
+                    if m == method and r.get(key) is not None:
+                        by_step.setdefault(r["step"], []).append(r[key])
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            means = np.array([statistics.mean(by_step[s]) for s in steps])
+            w = max(1, len(steps) // 15)
+            smooth = np.convolve(means, np.ones(w) / w, mode="valid") if w > 1 else means
+            runs = sum(m == method for m, _ in logs)
+            ax.plot(steps[w - 1:], smooth, color=f"C{i}", marker="." if len(steps) < 30 else None,
+                    label=f"{method} (n={runs})" if runs > 1 else method)
         ax.set(title=key, xlabel="step")
-        if shown:
+        if ax.lines:
             ax.legend(fontsize=7)
     fig.suptitle(title)
     save(fig, path)
@@ -283,9 +293,7 @@ def rl_section(methods, order):
     groups carried no signal, how often the DSU bonus fired, what was trained."""
     rows = []
     for m in order:
-        logs = [[r for r in read_log(path) if "acc_full" in r]
-                for e in methods[m] for path in [os.path.join(e["run"], "logs", f"{m}.jsonl")] if os.path.isfile(path)]
-        logs = [log for log in logs if log]
+        logs = [log for log in ([r for r in log if "acc_full" in r] for log in training_logs(methods[m], m)) if log]
         if not logs:
             continue
 
@@ -304,7 +312,7 @@ def rl_section(methods, order):
             "From the training logs, mean over the run folders. Outcome reward: Scenario A accuracy of the "
             "rollouts, mean of the first vs the last 20% of steps, and their difference with a 95% interval "
             "(resampling run folders and steps; * = excludes 0). Final KL: mean of the last 5 steps. "
-            "Zero-std groups, DSU fire rate and tokens trained: mean per step; last position: the longest "
+            "Zero-std groups, DSU fire rate (– where the bonus is off) and tokens trained: mean per step; last position: the longest "
             "trained row.", "",
             md_table(["method", "n", "steps", "outcome reward", "rise", "final KL", "zero-std groups",
                       "DSU fire rate", "tokens trained / step", "last position"], rows), ""]
@@ -378,11 +386,21 @@ def probe_section(methods, order, report_dir):
                   "", "![EI-probe accuracy per rule](ei_probes.png)", ""]
 
 
+def training_logs(entries, name):
+    """The training logs of a method's checkpoints, one per run folder that has one. A row trained
+    without the DSU bonus gets no fire rate (logs written before that rule recorded 0 there)."""
+    logs = []
+    for e in entries:
+        path = os.path.join(e["run"], "logs", f"{name}.jsonl")
+        if os.path.isfile(path):
+            bonus = e.get("config", {}).get("dsu_bonus", True)
+            logs.append([r if bonus else dict(r, dsu_fire_rate=None) for r in read_log(path)])
+    return logs
+
+
 def curve_section(methods, order, report_dir):
     """Training curves from every evaluated run's log: SFT and RL logs on separate figures."""
-    logs = [(m, read_log(path))
-            for m in order for e in methods[m]
-            for path in [os.path.join(e["run"], "logs", f"{m}.jsonl")] if os.path.isfile(path)]
+    logs = [(m, log) for m in order for log in training_logs(methods[m], m)]
     out = []
     for name, title, rl, keys in (("curves_sft.png", "SFT training curves", False, SFT_CURVES),
                                   ("curves_rl.png", "RL training curves", True, RL_CURVES)):

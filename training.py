@@ -274,7 +274,7 @@ def rl_metrics(batch, stats, cfg, device):
     return {"reward": rew / n_a, "reward_outcome": ok_a / n_a, "reward_dsu_bonus": (rew - ok_a) / n_a,
             "acc_full": ok_a / n_a, "acc_partial": ok_b / n_b if n_b else None,
             "p_full_minus_partial": ok_a / n_a - ok_b / n_b if n_b else None,
-            "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" else None, "kl": kl / n_tok if cfg.beta else None,
+            "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" and cfg.dsu_bonus else None, "kl": kl / n_tok if cfg.beta else None,
             "clip_frac": clipped / n_tok, "entropy": ent / n_tok, "aux_loss": aux if batch["aux"] else None,
             "loss": stats["loss"], "grad_norm": stats["grad_norm"], "frac_zero_std": zero_std / n_q,
             "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens,

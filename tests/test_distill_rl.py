@@ -481,8 +481,8 @@ def update_gap(out_dir, init, adv_group, monkeypatch):
         rl(out_dir, init, "--rl_steps=4", f"--name={name}", f"--dsu_bonus={bonus}", f"--adv_group={adv_group}",
            "--group_size=4", "--beta=0.0", "--aux_coef=0.0")
         ends[bonus] = weights(out_dir, name)
-        if bonus:
-            assert sum(r["dsu_fire_rate"] for r in log(out_dir, name)) > 0
+        fire_rates = [r["dsu_fire_rate"] for r in log(out_dir, name)]
+        assert sum(fire_rates) > 0 if bonus else fire_rates == [None] * 4  # no bonus: nothing fires
     start = load_checkpoint(init.removeprefix("--init="))["model"]
     norm = lambda d: sum(float((d[k] ** 2).sum()) for k in d) ** 0.5
     return norm({k: ends[True][k] - ends[False][k] for k in start}) / norm({k: ends[False][k] - start[k] for k in start})

@@ -273,3 +273,11 @@ def test_rl_diagnostics_come_from_the_logs(stub_runs):
     assert cells(report, "RL diagnostics", ["EXGRPO (rl_exgrpo)"]) == [
         "1", "5", "0.400 → 0.400", "+0.000 [+0.000, +0.000]", "0.0300", "–", "0.30", "–", "–"]
     assert "vanilla SFT" not in report.split("## RL diagnostics")[1].split("\n## ")[0]  # SFT logs hold no rollouts
+
+
+def test_rows_without_the_bonus_show_no_fire_rate(tmp_path):
+    write_jsonl(str(tmp_path / "logs" / "rl_exgrpo_plain.jsonl"), [{"step": 1, "acc_full": 0.5, "dsu_fire_rate": 0.0}])
+    entry = lambda bonus: {"run": str(tmp_path), "config": {"dsu_bonus": bonus}}
+    assert evaluate.training_logs([entry(False)], "rl_exgrpo_plain")[0][0]["dsu_fire_rate"] is None
+    assert evaluate.training_logs([entry(True)], "rl_exgrpo_plain")[0][0]["dsu_fire_rate"] == 0.0
+    assert evaluate.training_logs([entry(True)], "rl_grpo") == []  # no log, no curve
