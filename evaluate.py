@@ -40,6 +40,7 @@ class Config:
     splits: str = ""                  # comma-separated; default every test split in the data (test_id, ood_*)
     worlds: str = ""                  # comma-separated; default every world in the data
     max_problems: int = 0             # per world and split; 0 = all
+    probe_problems: int = 0           # score the EI probes of the first n test_id problems per world; 0 = all
     max_new_tokens: int = 96          # ood_long rationales reach ~90 GPT-2 tokens
     batch_size: int = 128
     reuse: bool = False               # keep results.json entries whose checkpoint file and settings are unchanged
@@ -47,7 +48,7 @@ class Config:
     threads: int = 0                  # torch threads; 0 = torch's default
 
 
-LIMITS = dict(max_problems="[0, inf)", max_new_tokens="[1, inf)", batch_size="[1, inf)", threads="[0, inf)")
+LIMITS = dict(max_problems="[0, inf)", probe_problems="[0, inf)", max_new_tokens="[1, inf)", batch_size="[1, inf)", threads="[0, inf)")
 TEST_SPLITS = ("test_id", "ood_long", "ood_reverse", "ood_names")
 
 # the paper's ablation rows in the order a reader expects them; other names follow alphabetically
@@ -96,7 +97,6 @@ def load_data(run, splits, worlds, max_problems):
     world or split that matches nothing stops: a report is never replaced by an empty one."""
     data = {}
     for split in splits:
-        seen, data[split] = {}, []
         every, path = read_split(os.path.join(run, "data"), split), os.path.join(run, "data", f"{split}.jsonl")
         present = sorted({r["world"] for r in every})
         if not every:
@@ -104,11 +104,18 @@ def load_data(run, splits, worlds, max_problems):
         if not set(worlds) <= set(present):
             raise SystemExit(f"--worlds={','.join(worlds)}: {path} has no problems of "
                              f"{', '.join(sorted(set(worlds) - set(present)))} (it has {', '.join(present)})")
-        for r in (r for r in every if not worlds or r["world"] in worlds):
-            if not max_problems or seen.get(r["world"], 0) < max_problems:
-                seen[r["world"]] = seen.get(r["world"], 0) + 1
-                data[split].append(r)
+        data[split] = first_per_world([r for r in every if not worlds or r["world"] in worlds], max_problems)
     return data
+
+
+def first_per_world(records, n):
+    """The first n records of each world, in order (all of them when n is 0)."""
+    seen, out = {}, []
+    for r in records:
+        seen[r["world"]] = seen.get(r["world"], 0) + 1
+        if not n or seen[r["world"]] <= n:
+            out.append(r)
+    return out
 
 
 def evaluate_checkpoint(path, run, data, cfg, device):
@@ -117,7 +124,7 @@ def evaluate_checkpoint(path, run, data, cfg, device):
     jobs = [("acc", split, r["world"], r["question"], r["answer"], i)
             for split, recs in data.items() for i, r in enumerate(recs)]
     jobs += [("probes", p["rule"], r["world"], p["question"], p["answer"], None)
-             for r in data.get("test_id", []) for p in r.get("probes", [])]
+             for r in first_per_world(data.get("test_id", []), cfg.probe_problems) for p in r.get("probes", [])]
     jobs.sort(key=lambda j: len(j[3]))  # similar lengths share a batch: less left padding to compute
     bs, answers = cfg.batch_size, []
     try:
@@ -370,11 +377,12 @@ def forest_chart(path, drawn):
     save(fig, path)
 
 
-def probe_section(methods, order, report_dir):
+def probe_section(methods, order, report_dir, probe_problems=0):
     """Accuracy on the EI probes of the test_id problems, per rule (in tasks.EI_RULES' order) and pooled."""
     rules = sorted({r for es in methods.values() for e in es for r in e["probes"]},
                    key=lambda r: (list(EI_RULES) + [r]).index(r))
-    out = ["## EI-probe accuracy per rule (explanatory consistency, test_id problems)", ""]
+    which = f"the first {probe_problems} test_id problems of each world" if probe_problems else "test_id problems"
+    out = [f"## EI-probe accuracy per rule (explanatory consistency, {which})", ""]
     if not rules:
         return out + ["The test_id records hold no EI probes (or test_id was not evaluated).", ""]
     every_rule = lambda e: {(r, w): c for r, cells in e["probes"].items() for w, c in cells.items()}
@@ -513,7 +521,7 @@ def write_report(cfg, runs, splits, entries, report_dir):
               "its worlds; mean = the mean over the splits.")
     out = (["# Evaluation report", "", header, ""] + accuracy_sections(methods, order, splits, report_dir)
            + difference_section(methods, order, splits, report_dir) + rl_section(methods, order)
-           + probe_section(methods, order, report_dir) + linear_probe_section(runs, report_dir)
+           + probe_section(methods, order, report_dir, cfg.probe_problems) + linear_probe_section(runs, report_dir)
            + curve_section(methods, order, report_dir)
            + efficiency_section(entries, report_dir))
     atomic_write(os.path.join(report_dir, "report.md"), "\n".join(out))
@@ -542,7 +550,8 @@ def main(argv):
     report_dir = os.path.join(cfg.out_dir, "report")
     os.makedirs(report_dir, exist_ok=True)
     results_path = os.path.join(report_dir, "results.json")
-    settings = dict(splits=splits, worlds=worlds, max_problems=cfg.max_problems, max_new_tokens=cfg.max_new_tokens)
+    settings = dict(splits=splits, worlds=worlds, max_problems=cfg.max_problems, probe_problems=cfg.probe_problems,
+                    max_new_tokens=cfg.max_new_tokens)
     cached = read_results(results_path, settings) if cfg.reuse else {}
     entries = []
     for run, name, path in found:

@@ -281,3 +281,12 @@ def test_rows_without_the_bonus_show_no_fire_rate(tmp_path):
     assert evaluate.training_logs([entry(False)], "rl_exgrpo_plain")[0][0]["dsu_fire_rate"] is None
     assert evaluate.training_logs([entry(True)], "rl_exgrpo_plain")[0][0]["dsu_fire_rate"] == 0.0
     assert evaluate.training_logs([entry(True)], "rl_grpo") == []  # no log, no curve
+
+
+def test_probe_problems_scores_the_probes_of_the_first_problems_only(stub_runs):
+    tmp_path, _ = stub_runs
+    report, saved = run_main(tmp_path, "--probe_problems=1")
+    assert "## EI-probe accuracy per rule (explanatory consistency, the first 1 test_id problems of each world)" in report
+    for e in saved["checkpoints"].values():  # one problem per world: each rule's cell counts 1 probe, not 2
+        assert {w: c[1] for w, c in e["probes"]["decompose"].items()} == {"coin": 1, "arith": 1}
+        assert sum(len(c) for c in e["correct"].values()) == 16  # every test problem is still scored
