@@ -120,7 +120,6 @@ class Config:
 
 # --- Eq. 2: the difficulty filter ------------------------------------------------------------
 
-
 def difficulty_filter(records, answer_fn, tau_hard=1):
     """Eq. 2: keep Q when tau_hard <= L < N'_Q, where N'_Q is the number of Q's EI probes and L the
     number the student answers right; drop Q when N'_Q = 0. answer_fn(probe questions) -> response
@@ -199,7 +198,6 @@ def sample_rollouts(model, tok, dialogues, cfg, seed):
 
 # --- rewards and the DSU bonus (Eqs. 5-6), then advantages -----------------------------------
 
-
 def dsu_bonus(correct_full, correct_partial, delta, nu):
     """Eqs. 5-6. correct_full (Q, G) and correct_partial (Q, G') are 0/1 outcome rewards of the
     Scenario A and B rollouts. Returns (bonus (Q, G), fired (Q,)): delta for each correct
@@ -235,7 +233,6 @@ def scenario_advantages(correct_full, correct_partial, cfg, scale):
 
 # --- Eq. 7: the clipped objective with the k3 KL ---------------------------------------------
 
-
 def masked_logprobs(model, rows, masks, device, temperature, entropy=False):
     """(logp, mask, entropy or None) over the shifted targets: logp[:, t] scores token t+1 where
     mask[:, t] = 1 (token t+1 is trained), else 0. Right padding is masked by position, not by id."""
@@ -267,7 +264,6 @@ def rl_loss(logp, old_logp, ref_logp, mask, adv, cfg, n_seqs, n_tokens):
 
 # --- Eq. 8: the auxiliary SFT loss on the teacher's probe answers ----------------------------
 
-
 def aux_rows(tok, records, dialogues):
     """Eq. 8 targets: each question's Scenario A probes as a teacher-forced dialogue, with a mask
     that is 1 on the teacher's response tokens only."""
@@ -291,7 +287,6 @@ def aux_loss(model, rows, masks, device, n_aux):
     return -(logp * mask).sum() / n_aux
 
 # --- one rollout step: sample, reward, advantage -> a named batch ----------------------------
-
 
 def rollout_batch(model, tok, records, cfg, rng, device):
     """One step's rollouts as a dict: rows (token lists that get the policy gradient), masks (1 on
@@ -328,7 +323,6 @@ def rollout_batch(model, tok, records, cfg, rng, device):
 
 # --- stage 2: SFT ----------------------------------------------------------------------------
 
-
 def ei_example(g, pool, cfg):
     """One EI-SFT example. ei_format=single: one probe -> teacher response (the paper's D_EI pair).
     ei_format=dialogue [ours]: 1..k of a question's probes with the teacher's answers, then the
@@ -353,6 +347,8 @@ def train_sft(cfg, model, tok, device, rank, world_size):
     optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay)
     run = Run(cfg, rank)
     step = run.start(raw_model, optimizer)
+    if run.done(step, cfg.max_iters):
+        return
     bar = tqdm(range(step, cfg.max_iters), desc=f"sft {cfg.name}", disable=rank != 0, initial=step, total=cfg.max_iters)
     for step in bar:
         t0 = time.time()
@@ -393,7 +389,6 @@ def train_sft(cfg, model, tok, device, rank, world_size):
     run.save(raw_model, tok, optimizer, cfg.max_iters, {"stage": "sft"})
 
 # --- stage 3: RL -----------------------------------------------------------------------------
-
 
 def policy_update(model, ref, optimizer, batch, cfg, world_size, where):
     """ppo_epochs optimizer steps on one batch (Eq. 7 + aux_coef * Eq. 8). pi_ref is scored before
@@ -460,11 +455,13 @@ def train_rl(cfg, model, tok, device, rank, world_size):
     raw_model = unwrap(model)
     ref = copy.deepcopy(raw_model).eval().requires_grad_(False)  # pi_ref: the starting student, frozen
     train, val = load_data(cfg)
-    with mixed_precision(device, cfg.dtype):  # the difficulty filter's greedy answers
-        pool, counts = rl_questions(cfg, train, ref, tok, rank)
     optimizer = raw_model.configure_optimizer(cfg.rl_lr, 0.0)
     run = Run(cfg, rank)
-    start = run.start(raw_model, optimizer)
+    start = run.start(raw_model, optimizer)  # a resumed run: its weights now, pi_ref still the start's
+    if run.done(start, cfg.rl_steps):
+        return
+    with mixed_precision(device, cfg.dtype):  # the difficulty filter's greedy answers
+        pool, counts = rl_questions(cfg, train, ref, tok, rank)
     raw_model.eval()  # dropout off for sampling and scoring
     bar = tqdm(range(start, cfg.rl_steps), desc=f"rl {cfg.name}", disable=rank != 0, initial=start, total=cfg.rl_steps)
     for step in bar:
@@ -494,7 +491,6 @@ def train_rl(cfg, model, tok, device, rank, world_size):
 
 
 # --- plumbing: main (the schedule, data, the student, logs and metrics: training.py) ----------
-
 
 def main(argv):
     """Train as the config says; returns the trained model (unwrapped from DDP)."""

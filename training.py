@@ -152,6 +152,15 @@ class Run:
                 self.appending = True
         return step
 
+    def done(self, step, total):
+        """Whether a resumed run had already finished: then nothing is trained again and its
+        checkpoint is left as it is (run.sh --resume skips finished rows this way)."""
+        if step < total:
+            return False
+        if self.rank == 0:
+            print(f"note: {self.ckpt_path} already holds step {step} of {total}; nothing to train", file=sys.stderr)
+        return True
+
     def where(self, step):
         kept = (f"the last good checkpoint ({self.ckpt_path}) is intact (step {self.saved})" if self.saved is not None
                 else "no checkpoint of this run was written yet")

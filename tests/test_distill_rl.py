@@ -333,6 +333,9 @@ def test_sft_resume_equals_uninterrupted_run(data_dir, monkeypatch):
     a, b = weights(data_dir, "straight"), weights(data_dir, "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in log(data_dir, "resumed")] == [1, 2, 3, 4, 5, 6]
+    stamp = os.path.getmtime(os.path.join(data_dir, "ckpt", "resumed.pt"))
+    sft(data_dir, "--max_iters=6", "--name=resumed", "--resume=True")  # finished: nothing trained, nothing written
+    assert os.path.getmtime(os.path.join(data_dir, "ckpt", "resumed.pt")) == stamp
 
 
 def test_rl_resume_equals_uninterrupted_run(data_dir, monkeypatch):
@@ -348,6 +351,13 @@ def test_rl_resume_equals_uninterrupted_run(data_dir, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     first = log(data_dir, "rl_straight")[0]
     assert first["kl"] == 0.0 and first["clip_frac"] == 0.0  # pi_theta == pi_old == pi_ref at step 1
+    # resuming a finished run trains nothing: no difficulty filter, the checkpoint and log untouched
+    path = os.path.join(data_dir, "ckpt", "rl_resumed.pt")
+    before, stamp, lines = open(path, "rb").read(), os.path.getmtime(path), log(data_dir, "rl_resumed")
+    monkeypatch.setattr(distill_rl, "difficulty_filter", lambda *a, **k: pytest.fail("filtered again"))
+    rl(data_dir, init, "--rl_steps=3", "--name=rl_resumed", "--resume=True")
+    assert open(path, "rb").read() == before and os.path.getmtime(path) == stamp
+    assert log(data_dir, "rl_resumed") == lines
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, monkeypatch):
