@@ -48,7 +48,8 @@ class Config:
     threads: int = 0                  # torch threads; 0 = torch's default
 
 
-LIMITS = dict(max_problems="[0, inf)", probe_problems="[0, inf)", max_new_tokens="[1, inf)", batch_size="[1, inf)", threads="[0, inf)")
+LIMITS = dict(max_problems="[0, inf)", probe_problems="[0, inf)", max_new_tokens="[1, inf)", batch_size="[1, inf)",
+              threads="[0, inf)")
 TEST_SPLITS = ("test_id", "ood_long", "ood_reverse", "ood_names")
 
 # the paper's ablation rows in the order a reader expects them; other names follow alphabetically
@@ -312,15 +313,16 @@ def rl_section(methods, order):
                      f"{up:+.3f} [{lo:+.3f}, {hi:+.3f}]" + ("" if lo <= 0 <= hi else " *"),
                      _num(mean("kl", slice(-5, None)), ".4f"), _num(mean("frac_zero_std"), ".2f"),
                      _num(mean("dsu_fire_rate"), ".2f"), _num(mean("tokens_trained"), ".0f"),
-                     _num(max((r["max_position"] for log in logs for r in log if "max_position" in r), default=None), "d")])
+                     _num(max((r["max_position"] for log in logs for r in log if "max_position" in r), default=None),
+                          "d")])
     if not rows:
         return []
     return ["## RL diagnostics", "",
             "From the training logs, mean over the run folders. Outcome reward: Scenario A accuracy of the "
             "rollouts, mean of the first vs the last 20% of steps, and their difference with a 95% interval "
             "(resampling run folders and steps; * = excludes 0). Final KL: mean of the last 5 steps. "
-            "Zero-std groups, DSU fire rate (– where the bonus is off) and tokens trained: mean per step; last position: the longest "
-            "trained row.", "",
+            "Zero-std groups, DSU fire rate (– where the bonus is off) and tokens trained: mean per step; "
+            "last position: the longest trained row.", "",
             md_table(["method", "n", "steps", "outcome reward", "rise", "final KL", "zero-std groups",
                       "DSU fire rate", "tokens trained / step", "last position"], rows), ""]
 
