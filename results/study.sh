@@ -1,64 +1,93 @@
 #!/usr/bin/env bash
 # The reproduction study of the README's protocol (fixed before it ran):
 #   1. five seeds of every row of run.sh (the embedded default with the RL budget of config/study.py),
-#      one run folder per seed;
+#      one run folder per seed, then one report over all of them on every test problem (paired
+#      bootstrap intervals), copied here with its JSON and figures;
 #   2. data efficiency: vanilla SFT, and EI-SFT then EXGRPO, on 10% and 25% of the training
-#      questions, seeds 1-3 (100% is step 1's rows);
-#   3. one report over every folder on every test problem (paired bootstrap intervals), copied
-#      here with its JSON and figures.
-# Every training runs on one core, in two lanes that each keep a core busy (run.sh's own schedule
-# leaves a core idle while the slow cold-start row finishes, which over 5 seeds costs most of an
-# hour). Every training resumes where it stopped, so a killed study restarts with the same command.
-# About 2 hours on 2 cores.
+#      questions, seeds 1-3 (100% is step 1's rows), and the report again with them.
+# Every training runs on one core, two at a time from one queue (run.sh's schedule leaves a core idle
+# behind the slow rows). An RL row waits for the EI-SFT student it starts from; the queue is
+# ordered so that it rarely has to. Every training resumes where it stopped and a finished one is
+# skipped, so a killed study restarts with the same command. Step 1 takes about 70 minutes of
+# training and 15 of evaluation on 2 cores, step 2 about 50 more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-out/study}
-configs="config/cpu_tiny.py config/study.py"
+export out=${1:-out/study} configs="config/cpu_tiny.py config/study.py"
 for seed in 1 2 3 4 5; do
-    python invert.py $configs --out_dir=$out/seed$seed --n_examples=0 > /dev/null  # the same data for every seed
+    python invert.py $configs --out_dir=$out/seed$seed --n_examples=0 > /dev/null 2>&1  # the same data for every seed
+    mkdir -p $out/seed$seed/ckpt && rm -f $out/seed$seed/ckpt/*.done $out/seed$seed/ckpt/*.failed
 done
-train() {  # seed name flags...: one training, its output appended to the run folder's train.log
-    local seed=$1 name=$2; shift 2
+
+job() {  # seed name needs flags...: one training. needs is "-" or the checkpoint it starts from, which
+         # it waits for; <name>.done or <name>.failed beside the checkpoint says how the job ended.
+    local seed=$1 name=$2 needs=$3 ckpt=$out/seed$1/ckpt
+    shift 3
+    until [ "$needs" = - ] || [ -f $ckpt/$needs.done ]; do
+        [ -f $ckpt/$needs.failed ] && { touch $ckpt/$name.failed; exit 1; }
+        sleep 5
+    done
     echo "$(date +%T) seed $seed $name"
-    python distill_rl.py $configs --out_dir=$out/seed$seed --seed=$seed --resume=True --name=$name "$@" \
-        >> $out/seed$seed/train.log 2>&1 || { echo "study.sh: $name failed, see $out/seed$seed/train.log" >&2; exit 1; }
+    if python distill_rl.py $configs --out_dir=$out/seed$seed --seed=$seed --resume=True --name=$name "$@" \
+            >> $out/seed$seed/train.log 2>&1; then
+        touch $ckpt/$name.done
+    else
+        touch $ckpt/$name.failed
+        echo "study.sh: seed $seed $name failed, see $out/seed$seed/train.log" >&2
+        exit 1
+    fi
 }
-fraction_rows() {  # seed fraction: the data-efficiency rows of one share of the questions
-    local seed=$1 f=$2 tag=f$(python -c "print(round($2 * 100))")
-    train $seed sft_qa_$tag --stage=sft --data=qa --data_fraction=$f
-    train $seed sft_ei_$tag --stage=sft --data=ei --data_fraction=$f
-    train $seed rl_exgrpo_$tag --stage=rl --init=$out/seed$seed/ckpt/sft_ei_$tag.pt --algo=exgrpo --data_fraction=$f
+export -f job
+rows() {  # the four RL rows that start from a seed's EI-SFT student (the same flags as run.sh)
+    local s=$1 init=--init=$out/seed$1/ckpt/sft_ei.pt
+    echo "$s rl_exgrpo_plain sft_ei --stage=rl $init --algo=exgrpo --aux_coef=0 --dsu_bonus=False"
+    echo "$s rl_exgrpo_nobonus sft_ei --stage=rl $init --algo=exgrpo --dsu_bonus=False"
+    echo "$s rl_exgrpo sft_ei --stage=rl $init --algo=exgrpo"
+    echo "$s rl_grpo sft_ei --stage=rl $init --algo=grpo"
 }
-lane_a() {  # per seed: EI-SFT, then the four RL rows that start from it (the same flags as run.sh)
-    for seed in 1 2 3 4 5; do
-        sft=$out/seed$seed/ckpt/sft_ei.pt
-        train $seed sft_ei --stage=sft --data=ei
-        train $seed rl_exgrpo_plain --stage=rl --init=$sft --algo=exgrpo --aux_coef=0 --dsu_bonus=False
-        train $seed rl_exgrpo_nobonus --stage=rl --init=$sft --algo=exgrpo --dsu_bonus=False
-        train $seed rl_exgrpo --stage=rl --init=$sft --algo=exgrpo
-        train $seed rl_grpo --stage=rl --init=$sft --algo=grpo
-    done
-    for seed in 1 2 3; do fraction_rows $seed 0.1; done
+queue() {  # jobs on stdin, two at a time
+    xargs -P 2 -L 1 bash -c 'job "$@"' _ > $out/queue.log 2>&1 || { echo "study.sh: a training failed, see $out/queue.log" >&2; exit 1; }
 }
-lane_b() {  # per seed: vanilla SFT and the cold start (neither needs EI-SFT), then data efficiency
-    for seed in 1 2 3 4 5; do
-        train $seed sft_qa --stage=sft --data=qa
-        train $seed rl_cold --stage=rl --algo=exgrpo --difficulty=False
-    done
-    for seed in 1 2 3; do fraction_rows $seed 0.25; done
-}
-lane_a > $out/lane_a.log 2>&1 & a=$!
-lane_b > $out/lane_b.log 2>&1 & b=$!
-wait $a || { echo "study.sh: lane a failed, see $out/lane_a.log" >&2; kill $b 2>/dev/null; exit 1; }
-wait $b || { echo "study.sh: lane b failed, see $out/lane_b.log" >&2; exit 1; }
-runs=$(ls -d "$out"/seed* | paste -sd,)
-# every test problem; the EI probes of the first 60 test_id problems (the protocol's metric is the
-# test accuracy; scoring all 2280 probes of every checkpoint would double the evaluation)
-python evaluate.py --runs="$runs" --out_dir="$out" --max_problems=0 --probe_problems=60 --threads=2 --reuse=True
-cp "$out"/report/report.md "$out"/report/*.png results/
-python - "$out" <<'PY'
+report() {  # every test problem; the EI probes of the first 60 test_id problems (the protocol's metric
+            # is test accuracy; all 2280 probes of every checkpoint would double the evaluation)
+    python evaluate.py --runs="$(ls -d "$out"/seed* | paste -sd,)" --out_dir="$out" --max_problems=0 \
+        --probe_problems=60 --threads=2 --reuse=True
+    cp "$out"/report/report.md "$out"/report/*.png results/
+    python - "$out" <<'PY'
 import json, sys
 saved = json.load(open(f"{sys.argv[1]}/report/results.json"))
 json.dump({"command": "bash results/study.sh", **saved}, open("results/study.json", "w"), indent=1)
 PY
-echo "wrote results/report.md, results/study.json and the figures"
+    echo "wrote results/report.md, results/study.json and the figures"
+}
+
+# 1. the seven rows on five seeds: a seed's SFT rows, then the previous seed's RL rows (its EI-SFT
+#    student is ready by then), the cold starts last (they need no student and are the slowest)
+{
+    for seed in 1 2 3 4 5; do
+        echo "$seed sft_ei - --stage=sft --data=ei"
+        echo "$seed sft_qa - --stage=sft --data=qa"
+        if [ $seed -gt 1 ]; then rows $((seed - 1)); fi
+    done
+    rows 5
+    for seed in 1 2 3 4 5; do echo "$seed rl_cold - --stage=rl --algo=exgrpo --difficulty=False"; done
+} | queue
+report
+
+# 2. data efficiency: every SFT row first, then the RL rows
+{
+    for stage in sft rl; do
+        for seed in 1 2 3; do
+            for f in 0.1 0.25; do
+                tag=f$(python -c "print(round($f * 100))")
+                if [ $stage = sft ]; then
+                    echo "$seed sft_ei_$tag - --stage=sft --data=ei --data_fraction=$f"
+                    echo "$seed sft_qa_$tag - --stage=sft --data=qa --data_fraction=$f"
+                else
+                    echo "$seed rl_exgrpo_$tag sft_ei_$tag --stage=rl --init=$out/seed$seed/ckpt/sft_ei_$tag.pt" \
+                        "--algo=exgrpo --data_fraction=$f"
+                fi
+            done
+        done
+    done
+} | queue
+report
