@@ -368,14 +368,13 @@ def difference_section(methods, order, splits, report_dir):
 
 def forest_chart(path, drawn):
     """One horizontal interval per difference (all splits pooled), top to bottom, a line at 0."""
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(drawn) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.4 * len(drawn) + 1.2))
     y = np.arange(len(drawn))[::-1]
     means, los, his = (np.array([100 * ci[i] for _, ci in drawn]) for i in range(3))
     ax.errorbar(means, y, xerr=[means - los, his - means], fmt="o", capsize=3)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(y, [name for name, _ in drawn], fontsize=7)
-    ax.set(xlabel="accuracy difference, all splits (percentage points, 95% interval)",
-           title="Paired differences")
+    ax.set(xlabel="accuracy difference over all splits (points; 95% interval)", title="Paired differences")
     save(fig, path)
 
 
