@@ -133,8 +133,12 @@ def consistency_filter(teacher, records):
 
 
 def write_jsonl(path, records):
-    """Atomically (a temp file in the same folder, then a rename), keys sorted: byte-identical reruns."""
-    atomic_write(path, ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
+    """Atomically (a temp file in the same folder, then a rename), keys sorted: byte-identical reruns.
+    A file that already holds these bytes is left alone, so its modification time, by which
+    evaluate.py --reuse trusts earlier scores, survives a rerun (run.sh --resume reruns this stage)."""
+    text = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records).encode('utf-8')
+    if not (os.path.isfile(path) and os.path.getsize(path) == len(text) and open(path, 'rb').read() == text):
+        atomic_write(path, text)
 
 
 def percentiles(values):

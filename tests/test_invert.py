@@ -117,8 +117,12 @@ def test_rerun_is_byte_identical_and_atomic(tmp_path):
     folder = tmp_path / 'data'
     first = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
     assert sorted(first) == sorted([f'{s}.jsonl' for s in worlds.SPLITS] + ['stats.json'])  # no temp files left
+    stamps = {f: os.path.getmtime(folder / f) for f in first if f.endswith('.jsonl')}
+    os.utime(folder / 'train.jsonl', (1, 1))  # an old stamp, to tell "left alone" from "rewritten"
     invert.build(cfg)
     assert first == {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    assert os.path.getmtime(folder / 'train.jsonl') == 1  # same bytes: the split is left alone (evaluate --reuse)
+    assert all(os.path.getmtime(folder / f) == t for f, t in stamps.items() if f != 'train.jsonl')
     stats = json.loads(first['stats.json'])
     assert stats['splits']['train'] == {'coin': {'problems': 12, 'probes': stats['splits']['train']['coin']['probes']},
                                         'date': {'problems': 12, 'probes': stats['splits']['train']['date']['probes']}}
