@@ -219,23 +219,22 @@ def curve_chart(path, title, logs, keys):
     """One panel per logged metric vs step, one line per method: the mean over its runs at each
     step, smoothed by a moving average over about a fifteenth of the steps (RL steps are noisy)."""
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.3), squeeze=False)
-    methods = dict.fromkeys(m for m, _ in logs)
+    by_method = {}
+    for method, records in logs:
+        by_method.setdefault(method, []).append(records)
     for ax, key in zip(axes[0], keys):
-        for i, method in enumerate(methods):
+        for i, (method, runs) in enumerate(by_method.items()):
             by_step = {}
-            for m, records in logs:
-                for r in records:
-                    if m == method and r.get(key) is not None:
-                        by_step.setdefault(r["step"], []).append(r[key])
+            for r in (r for records in runs for r in records if r.get(key) is not None):
+                by_step.setdefault(r["step"], []).append(r[key])
             if not by_step:
                 continue
             steps = sorted(by_step)
             means = np.array([statistics.mean(by_step[s]) for s in steps])
             w = max(1, len(steps) // 15)
             smooth = np.convolve(means, np.ones(w) / w, mode="valid") if w > 1 else means
-            runs = sum(m == method for m, _ in logs)
             ax.plot(steps[w - 1:], smooth, color=f"C{i}", marker="." if len(steps) < 30 else None,
-                    label=f"{method} (n={runs})" if runs > 1 else method)
+                    label=f"{method} (n={len(runs)})" if len(runs) > 1 else method)
         ax.set(title=key, xlabel="step")
         if ax.lines:
             ax.legend(fontsize=7)
