@@ -42,22 +42,21 @@ for seed in $seeds; do
     stamp "seed $seed -> $run"
     # stage 1: problems, teacher rationales, EI probes, consistency filter (the data is the same for every seed)
     python invert.py $configs --out_dir=$run --n_examples=0
-    # stage 2, both SFT rows at once (one core each): vanilla SFT, and EI-SFT (the warm start and
-    # frozen reference of every RL row but the cold start)
+    # stage 2, one core each: EI-SFT (the warm start and frozen reference of every RL row but the
+    # cold start) on one; vanilla SFT, then the RL cold start (it needs no student) on the other
     train="python distill_rl.py $configs --out_dir=$run --seed=$seed $resume"
     sft=$run/ckpt/sft_ei.pt
     stamp "training: follow with tail -f $run/train.log"
-    ( $train --stage=sft --data=qa & qa=$!
-      $train --stage=sft --data=ei && wait $qa ) > $run/train.log 2>&1 \
-        || { echo "run.sh: SFT failed, see $run/train.log" >&2; exit 1; }
-    # stage 3, the paper's Table 3 rows plus one-turn GRPO, two at a time; every row gets the same
-    # steps, questions per step and trained rollouts per question (README: "The rows")
+    ( { $train --stage=sft --data=qa && $train --stage=rl --algo=exgrpo --difficulty=False --name=rl_cold; } & other=$!
+      $train --stage=sft --data=ei && wait $other ) > $run/train.log 2>&1 \
+        || { echo "run.sh: SFT or the cold start failed, see $run/train.log" >&2; exit 1; }
+    # stage 3, the rest of the paper's Table 3 rows plus one-turn GRPO, two at a time; every RL row
+    # gets the same steps, questions per step and trained rollouts per question (README: "The rows")
     printf '%s\n' \
         "--init=$sft --algo=exgrpo --aux_coef=0 --dsu_bonus=False --name=rl_exgrpo_plain" \
         "--init=$sft --algo=exgrpo --dsu_bonus=False --name=rl_exgrpo_nobonus" \
         "--init=$sft --algo=exgrpo --name=rl_exgrpo" \
         "--init=$sft --algo=grpo --name=rl_grpo" \
-        "--algo=exgrpo --difficulty=False --name=rl_cold" \
         | xargs -P 2 -I {} sh -c "$train --stage=rl {}" >> $run/train.log 2>&1 \
         || { echo "run.sh: RL failed, see $run/train.log" >&2; exit 1; }
     stamp "trained: per-step metrics in $run/logs"
