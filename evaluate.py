@@ -17,6 +17,7 @@ that have it, and n counts them. A split's accuracy pools the problems of every 
 import glob
 import json
 import os
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -180,7 +181,13 @@ def md_table(header, rows):
 
 
 def label(name):
-    return f"{LABELS[name]} ({name})" if name in LABELS else name
+    base, share = re.fullmatch(r"(.*?)(?:_f(\d+))?", name).groups()  # the study's sft_qa_f10: 10% of the data
+    if base not in LABELS:
+        return name
+    return f"{LABELS[base]}{f', {share}% of the data' if share else ''} ({name})"
+
+
+FAMILY_ORDER = {"vanilla SFT": 0, "EI-SFT": 1, "EXGRPO": 2}  # the data-efficiency lines, baselines first
 
 
 def family(c):
@@ -189,7 +196,7 @@ def family(c):
         return "EI-SFT" if c.get("data") == "ei" else "vanilla SFT"
     name = c.get("algo", "rl").upper()
     if c.get("algo") == "exgrpo" and not c.get("dsu_bonus", True):
-        name += " w/o DSU bonus"
+        name += " w/o DSU bonus" + (" or aux loss" if c.get("aux_coef", 1) == 0 else "")
     return name + ("" if str(c.get("init", "")).endswith(".pt") else " cold start")  # RL from the base model
 
 
@@ -330,30 +337,41 @@ def _num(value, spec):
     return "–" if value is None else format(value, spec)
 
 
+def partial(e):
+    """Trained on a share of the training questions (the data-efficiency runs)."""
+    return e["config"].get("data_fraction", 1) < 1
+
+
+def paired_interval(a, b, splits):
+    """paired_bootstrap of checkpoints a minus b (lists of entries), matched by run folder, over the
+    problems of `splits`; None when no run folder has both."""
+    by_run = {e["run"]: e for e in b}
+    rows = [[int(x) - int(y) for s in splits for x, y in zip(e["correct"][s], by_run[e["run"]]["correct"][s])]
+            for e in a if e["run"] in by_run]
+    return paired_bootstrap(np.array(rows, dtype=float)) if rows and rows[0] else None
+
+
+def ci_cell(ci):
+    if ci is None:
+        return "–"
+    mean, lo, hi = (100 * v for v in ci)
+    return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" + ("" if lo <= 0 <= hi else " *")
+
+
 def difference_section(methods, order, splits, report_dir):
     """Paired bootstrap CIs of accuracy differences (percentage points), per split and over all of
     them: each method against vanilla SFT and EI-SFT, and the bonus and aux rows against the row
     below them. Pairs are matched by run folder (seed). The all-splits intervals are also drawn."""
-    pairs = [(m, b) for b in BASELINES if b in methods for m in order if m != b and m not in BASELINES[:1]]
-    pairs += [p for p in PAIRS if p[0] in methods and p[1] in methods]
+    order = [m for m in order if not any(partial(e) for e in methods[m])]  # those: "Data efficiency"
+    pairs = [(m, b) for b in BASELINES if b in order for m in order if m != b and m not in BASELINES[:1]]
+    pairs += [p for p in PAIRS if p[0] in order and p[1] in order]
     if not pairs or not all("correct" in e for es in methods.values() for e in es):
         return []
-
-    def interval(a, b, chosen):
-        by_run = {e["run"]: e for e in methods[b]}
-        rows = [[int(x) - int(y) for s in chosen for x, y in zip(e["correct"][s], by_run[e["run"]]["correct"][s])]
-                for e in methods[a] if e["run"] in by_run]
-        return paired_bootstrap(np.array(rows, dtype=float)) if rows and rows[0] else None
-
-    def cell(ci):
-        if ci is None:
-            return "–"
-        mean, lo, hi = (100 * v for v in ci)
-        return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]" + ("" if lo <= 0 <= hi else " *")
+    interval = lambda a, b, chosen: paired_interval(methods[a], methods[b], chosen)
     seeds = lambda a, b: len({e["run"] for e in methods[a]} & {e["run"] for e in methods[b]})
     pooled_ci = {(a, b): interval(a, b, splits) for a, b in pairs}
-    rows = [[f"{label(a)} − {label(b)}", str(seeds(a, b))] + [cell(interval(a, b, [s])) for s in splits]
-            + [cell(pooled_ci[a, b])] for a, b in pairs]
+    rows = [[f"{label(a)} − {label(b)}", str(seeds(a, b))] + [ci_cell(interval(a, b, [s])) for s in splits]
+            + [ci_cell(pooled_ci[a, b])] for a, b in pairs]
     drawn = [(f"{label(a)} − {label(b)}", ci) for (a, b), ci in pooled_ci.items() if ci is not None]
     if drawn:
         forest_chart(os.path.join(report_dir, "differences.png"), drawn)
@@ -367,7 +385,7 @@ def difference_section(methods, order, splits, report_dir):
 
 def forest_chart(path, drawn):
     """One horizontal interval per difference (all splits pooled), top to bottom, a line at 0."""
-    fig, ax = plt.subplots(figsize=(10, 0.4 * len(drawn) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, max(2.5, 0.4 * len(drawn) + 1.2)))
     y = np.arange(len(drawn))[::-1]
     means, los, his = (np.array([100 * ci[i] for _, ci in drawn]) for i in range(3))
     ax.errorbar(means, y, xerr=[means - los, his - means], fmt="o", capsize=3)
@@ -420,31 +438,43 @@ def curve_section(methods, order, report_dir):
 
 
 def efficiency_section(entries, report_dir):
-    """test_id accuracy vs the share of training questions, one line per method family; only
-    drawn when some run used data_fraction < 1."""
-    points = {}
+    """test_id accuracy vs the share of training questions, for each method (family) that was also
+    trained on a share < 1: a table, a plot, and paired intervals between the methods at each share.
+    Only the run folders (seeds) that hold such runs count, at 100% too, so every point of a line
+    comes from the same seeds."""
+    runs = {e["run"] for e in entries if partial(e)}
+    grid = {}  # family -> share -> entries
     for e in entries:
-        if "data_fraction" in e["config"] and split_acc(e, "test_id") is not None:
-            points.setdefault(family(e["config"]), {}).setdefault(e["config"]["data_fraction"], []).append(
-                split_acc(e, "test_id"))
-    fractions = sorted({f for fr in points.values() for f in fr})
-    if not fractions or fractions[0] >= 1:
+        if e["run"] in runs and split_acc(e, "test_id") is not None:
+            grid.setdefault(family(e["config"]), {}).setdefault(e["config"].get("data_fraction", 1.0), []).append(e)
+    grid = {fam: by for fam, by in sorted(grid.items(), key=lambda kv: FAMILY_ORDER.get(kv[0], len(FAMILY_ORDER)))
+            if min(by) < 1}
+    if not grid:
         return []
+    shares = sorted({f for by in grid.values() for f in by})
+    stats = {fam: {f: spread([split_acc(e, "test_id") for e in by[f]]) for f in by} for fam, by in grid.items()}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for fam, fr in sorted(points.items()):
-        stats = [spread(fr[f]) for f in sorted(fr)]
-        ax.errorbar(sorted(fr), [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], marker="o",
-                    capsize=3, label=fam)
+    for fam, st in stats.items():
+        xs = sorted(st)
+        ax.errorbar(xs, [100 * st[f][0] for f in xs], yerr=[100 * st[f][1] for f in xs], marker="o", capsize=3,
+                    label=fam)
     ax.set(xscale="log", xlabel="share of the training questions", ylabel="test_id accuracy (%)",
-           title="Data efficiency", ylim=(0, 105))
-    ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
+           title="Data efficiency (mean ± std over seeds)", ylim=(0, 105))
+    ax.set_xticks(shares, [f"{100 * f:g}%" for f in shares])
     ax.minorticks_off()
     ax.legend(fontsize=8)
     save(fig, os.path.join(report_dir, "data_efficiency.png"))
-    rows = [[fam] + [fmt(spread(fr[f])) if f in fr else "" for f in fractions] for fam, fr in sorted(points.items())]
-    return (["## Data efficiency", "", "test_id accuracy (%) by share of the training questions.", "",
-             md_table(["method"] + [f"{100 * f:g}%" for f in fractions], rows), "",
-             "![test_id accuracy vs share of training questions](data_efficiency.png)", ""])
+    head = ["method"] + [f"{100 * f:g}%" for f in shares]
+    rows = [[fam] + [f"{fmt(st[f])} (n={st[f][2]})" if f in st else "–" for f in shares] for fam, st in stats.items()]
+    fams = list(grid)
+    diffs = [[f"{a} − {b}"] + [ci_cell(paired_interval(grid[a][f], grid[b][f], ["test_id"]))
+                              if f in grid[a] and f in grid[b] else "–" for f in shares]
+             for i, b in enumerate(fams) for a in fams[i + 1:]]
+    return (["## Data efficiency", "", f"test_id accuracy (%) by share of the training questions, run folders "
+             f"{', '.join(sorted(runs))} only; n = seeds.", "", md_table(head, rows), ""]
+            + (["Paired differences on test_id (points, 95% bootstrap interval over seeds and problems; * = "
+                "the interval excludes 0).", "", md_table(["difference"] + head[1:], diffs), ""] if diffs else [])
+            + ["![test_id accuracy vs share of training questions](data_efficiency.png)", ""])
 
 
 def linear_probe_section(runs, report_dir):

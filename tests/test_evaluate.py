@@ -129,7 +129,7 @@ def test_accuracy_equals_hand_count_and_seeds_aggregate(stub_runs):
     assert cells(report, split, ["vanilla SFT (sft_qa)"]) == \
         ["50.0 ± 35.4", "37.5 ± 17.7", "12.5 ± 17.7", "100.0 ± 0.0", "50.0 ± 0.0", "2"]
     assert cells(report, split, ["EXGRPO (rl_exgrpo)"]) == ["100.0", "0.0", "0.0", "0.0", "25.0", "1"]
-    assert cells(report, split, ["sft_qa_f25"]) == ["25.0", "0.0", "0.0", "25.0", "12.5", "1"]
+    assert cells(report, split, ["vanilla SFT, 25% of the data (sft_qa_f25)"]) == ["25.0", "0.0", "0.0", "25.0", "12.5", "1"]
     # per world, sft_qa coin: test_id 2/2 and 1/2; ood_long 1/2, 1/2; ood_reverse 0/2, 1/2; ood_names 2/2, 2/2
     world, sft = "Accuracy per world", "vanilla SFT (sft_qa)"
     assert cells(report, world, [sft, "coin"]) == ["75.0 ± 35.4", "50.0 ± 0.0", "25.0 ± 35.4", "100.0 ± 0.0"]
@@ -153,7 +153,7 @@ def test_report_lists_every_split_and_method_in_order_and_writes_plots(stub_runs
     report, _ = run_main(tmp_path)
     assert cells(report, "Accuracy per split", ["method"]) == SPLITS + ["mean", "n"]
     assert cells(report, "Accuracy per world", ["method", "world"]) == SPLITS
-    assert report.index("vanilla SFT (sft_qa)") < report.index("EXGRPO (rl_exgrpo)") < report.index("| sft_qa_f25")
+    assert report.index("vanilla SFT (sft_qa)") < report.index("EXGRPO (rl_exgrpo)") < report.index("| vanilla SFT, 25% of the data")
     folder = tmp_path / "all" / "report"
     for png in ("accuracy.png", "ei_probes.png", "curves_sft.png", "curves_rl.png", "data_efficiency.png",
                 "differences.png"):
@@ -290,3 +290,33 @@ def test_probe_problems_scores_the_probes_of_the_first_problems_only(stub_runs):
     for e in saved["checkpoints"].values():  # one problem per world: each rule's cell counts 1 probe, not 2
         assert {w: c[1] for w, c in e["probes"]["decompose"].items()} == {"coin": 1, "arith": 1}
         assert sum(len(c) for c in e["correct"].values()) == 16  # every test problem is still scored
+
+
+def test_data_efficiency_by_hand(tmp_path):
+    """Lines for the methods trained on a share < 1, on the seeds that hold such runs only (r3 has
+    just a 100% run and must not count), with paired differences at each share."""
+    sft = lambda data: dict(stage="sft", data=data)
+    exgrpo = dict(stage="rl", algo="exgrpo", dsu_bonus=True, init="x/sft_ei.pt")
+    grpo = dict(stage="rl", algo="grpo", init="x/sft_ei.pt")
+    runs = [("r1", sft("qa"), 0.25, "1000"), ("r2", sft("qa"), 0.25, "1100"), ("r1", sft("qa"), 1.0, "1110"),
+            ("r2", sft("qa"), 1.0, "1111"), ("r3", sft("qa"), 1.0, "0000"), ("r1", sft("ei"), 0.25, "1100"),
+            ("r2", sft("ei"), 0.25, "1110"), ("r1", sft("ei"), 1.0, "1111"), ("r2", sft("ei"), 1.0, "1111"),
+            ("r1", exgrpo, 0.25, "1110"), ("r1", grpo, 1.0, "1111")]
+    entries = [dict(name="x", run=run, config=dict(c, data_fraction=f),
+                    acc={"test_id": {"coin": [right.count("1"), 4]}}, correct={"test_id": right})
+               for run, c, f, right in runs]
+    report = "\n" + "\n".join(evaluate.efficiency_section(entries, str(tmp_path)))
+    assert "run folders r1, r2 only" in report
+    assert cells(report, "Data efficiency", ["method"]) == ["25%", "100%"]
+    # vanilla 25%: 1/4 and 2/4; 100%: 3/4 and 4/4 (r3's 0/4 left out). Std of two values: |a - b| / sqrt(2)
+    assert cells(report, "Data efficiency", ["vanilla SFT"]) == ["37.5 ± 17.7 (n=2)", "87.5 ± 17.7 (n=2)"]
+    assert cells(report, "Data efficiency", ["EI-SFT"]) == ["62.5 ± 17.7 (n=2)", "100.0 ± 0.0 (n=2)"]
+    assert cells(report, "Data efficiency", ["EXGRPO"]) == ["75.0 (n=1)", "–"]
+    assert "\n| GRPO |" not in report  # trained on all the data only: no line
+    # paired: EI-SFT - vanilla at 25%: r1 +1 on one problem of 4, r2 +1 on one: 2/8; at 100%: 1/8
+    mean = lambda first: [c.split(" [")[0] for c in cells(report, "Data efficiency", [first])]
+    assert mean("EI-SFT − vanilla SFT") == ["+25.0", "+12.5"]
+    assert mean("EXGRPO − vanilla SFT") == ["+50.0", "–"]  # r1 only: 1110 - 1000
+    assert mean("EXGRPO − EI-SFT") == ["+25.0", "–"]
+    assert (tmp_path / "data_efficiency.png").exists()
+    assert evaluate.efficiency_section([e for e in entries if e["config"]["data_fraction"] == 1], str(tmp_path)) == []
