@@ -180,11 +180,22 @@ def md_table(header, rows):
                      + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def split_name(name):
+    """The study's data-efficiency rows are named <row>_f<percent>: sft_qa_f10 is sft_qa on 10% of the data."""
+    base, share = re.fullmatch(r"(.*?)(?:_f(\d+))?", name).groups()
+    return (base, share) if base in LABELS else (name, None)
+
+
 def label(name):
-    base, share = re.fullmatch(r"(.*?)(?:_f(\d+))?", name).groups()  # the study's sft_qa_f10: 10% of the data
-    if base not in LABELS:
-        return name
-    return f"{LABELS[base]}{f', {share}% of the data' if share else ''} ({name})"
+    base, share = split_name(name)
+    return f"{LABELS[base]}{f', {share}% of the data' if share else ''} ({name})" if base in LABELS else name
+
+
+def row_key(name):
+    """Report order: the rows of LABELS as listed, each followed by its data-efficiency rows by share,
+    then the other names alphabetically."""
+    base, share = split_name(name)
+    return (list(LABELS).index(base), 0, int(share or 0)) if base in LABELS else (len(LABELS), 1, name)
 
 
 FAMILY_ORDER = {"vanilla SFT": 0, "EI-SFT": 1, "EXGRPO": 2}  # the data-efficiency lines, baselines first
@@ -540,7 +551,7 @@ def write_report(cfg, runs, splits, entries, report_dir):
     methods = {}
     for e in entries:
         methods.setdefault(e["name"], []).append(e)
-    order = [m for m in LABELS if m in methods] + sorted(m for m in methods if m not in LABELS)
+    order = sorted(methods, key=row_key)
     totals = {s: sorted({sum(t for _, t in e["acc"].get(s, {}).values()) for e in entries}) for s in splits}
     seeds = sorted({str(e["config"]["seed"]) for e in entries if "seed" in e["config"]})
     header = (f"{len(entries)} checkpoint(s) from {len(runs)} run folder(s) ({', '.join(runs)})"
