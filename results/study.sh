@@ -4,12 +4,13 @@
 #      one run folder per seed, then one report over all of them on every test problem (paired
 #      bootstrap intervals), copied here with its JSON and figures;
 #   2. data efficiency: vanilla SFT, and EI-SFT then EXGRPO, on 10% and 25% of the training
-#      questions, seeds 1-3 (100% is step 1's rows), and the report again with them.
+#      questions, seeds 1-3 (100% is step 1's rows), and the report again with them;
+#   3. run.sh's linear probes on every seed, and the report again.
 # Every training runs on one core, two at a time from one queue (run.sh's schedule leaves a core idle
 # behind the slow rows). An RL row waits for the EI-SFT student it starts from; the queue is
 # ordered so that it rarely has to. Every training resumes where it stopped and a finished one is
 # skipped, so a killed study restarts with the same command. Step 1 takes about 70 minutes of
-# training and 15 of evaluation on 2 cores, step 2 about 50 more.
+# training and 15 of evaluation on 2 cores, step 2 about 50 more, step 3 about 10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export out=${1:-out/study} configs="config/cpu_tiny.py config/study.py"
@@ -90,4 +91,18 @@ report
         done
     done
 } | queue
+report
+
+# 3. run.sh's linear probes on every seed (added after the results above, not in the protocol: does the
+#    probe finding hold across seeds?), two at a time, then the report again with their means
+probes() {  # run folder, seed
+    local run=$1 ckpt=$1/ckpt
+    python probe.py --checkpoints=untrained=init:$ckpt/sft_qa.pt,vanilla=$ckpt/sft_qa.pt,ei_sft=$ckpt/sft_ei.pt,exgrpo=$ckpt/rl_exgrpo.pt \
+        --data=$run/data --world=coin --target=state --positions=event --out_dir=$run/probe --threads=1 --seed=$2 \
+        > $run/probe.log 2>&1 || { echo "study.sh: probe.py failed, see $run/probe.log" >&2; exit 1; }
+}
+export -f probes
+for seed in 1 2 3 4 5; do  # a seed already probed is skipped
+    [ -f $out/seed$seed/probe/probe_coin_state_event.json ] || echo "$out/seed$seed $seed"
+done | xargs -r -P 2 -L 1 bash -c 'probes "$@"' _ || exit 1
 report
