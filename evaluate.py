@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import statistics
 from dataclasses import dataclass
 
@@ -489,9 +490,10 @@ def efficiency_section(entries, report_dir):
 
 
 def linear_probe_section(runs, report_dir):
-    """probe.py's results found in the run folders, mean over the folders: test accuracy per layer of
-    each checkpoint's linear probe (shuffled-label control in brackets), its selectivity against the
-    control task, and the causal test's flip rates."""
+    """probe.py's results found in the run folders: test accuracy per layer of each checkpoint's linear
+    probe (shuffled-label control in brackets) and its selectivity against the control task, as the
+    mean ± sample std over the folders, and the causal test's flip rates (mean). The first folder's
+    figures are copied beside the report."""
     found = {}
     for run in runs:
         for path in sorted(glob.glob(os.path.join(run, "probe", "probe_*.json"))):
@@ -505,29 +507,37 @@ def linear_probe_section(runs, report_dir):
            "near 0 means the probe could score as well by memorising which token it sits on. Flip rate: "
            "share of test problems whose greedy answer becomes the one the other state implies after "
            "adding alpha class-mean gaps toward it at the last event's token (random: the same norm along "
-           "a random direction; alpha = 0: no edit). Means over run folders (probe.py).", ""]
+           "a random direction; alpha = 0: no edit). Mean ± sample std over run folders (probe.py).", ""]
     for name, paths in found.items():
         results = [json.load(open(p)) for p in paths]
         first = results[0]
-        mean = lambda label, key, *at: statistics.mean(_at(r["checkpoints"][label][key], at) for r in results)
+        values = lambda label, key, *at: [_at(r["checkpoints"][label][key], at) for r in results]
+        mean = lambda label, key, *at: statistics.mean(values(label, key, *at))
+
+        def cell(label, key, layer, sign=""):  # mean ± std over the folders, then the control's mean
+            v = values(label, key, layer)
+            spread_ = f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""
+            control = "control_acc" if key == "lr_acc" else "control_task_acc"
+            return f"{statistics.mean(v):{sign}.2f}{spread_} ({mean(label, control, layer):.2f})"
         n_layers = len(next(iter(first["checkpoints"].values()))["lr_acc"])
         layers = [f"layer {l}" for l in range(n_layers)]
         majority = statistics.mean(r["majority_acc"] for r in results)
         out += [f"**{first['world']}**, target {first['target']} at {first['positions']} positions "
                 f"({first['latent']}; majority baseline {majority:.2f}, n = {len(results)})", ""]
-        out += [md_table(["checkpoint"] + layers, [[label] + [f"{mean(label, 'lr_acc', l):.2f} "
-                                                            f"({mean(label, 'control_acc', l):.2f})" for l in range(n_layers)]
+        out += [md_table(["checkpoint"] + layers, [[label] + [cell(label, "lr_acc", l) for l in range(n_layers)]
                                                    for label in first["checkpoints"]])]
         if all("selectivity" in c for r in results for c in r["checkpoints"].values()):
             out += ["", "Selectivity (control-task accuracy):", "",
-                    md_table(["checkpoint"] + layers, [[label] + [f"{mean(label, 'selectivity', l):+.2f} "
-                                                                  f"({mean(label, 'control_task_acc', l):.2f})"
+                    md_table(["checkpoint"] + layers, [[label] + [cell(label, "selectivity", l, "+")
                                                                   for l in range(n_layers)]
                                                        for label in first["checkpoints"]])]
-        out += ["", f"![{name}]({os.path.relpath(paths[0][:-5] + '.png', report_dir)})", ""]
+        figures = [paths[0][:-5] + ".png"] + ([paths[0][:-5] + "_intervention.png"] if "intervention" in first else [])
+        for fig in filter(os.path.exists, figures):
+            shutil.copyfile(fig, os.path.join(report_dir, os.path.basename(fig)))
+        where = f" (run folder {os.path.dirname(os.path.dirname(paths[0]))})" if len(paths) > 1 else ""
+        out += ["", f"![{name}{where}]({os.path.basename(figures[0])})", ""]
         if all("intervention" in r for r in results):
-            out += intervention_table(first, mean) + [
-                f"![{name} flip rates]({os.path.relpath(paths[0][:-5] + '_intervention.png', report_dir)})", ""]
+            out += intervention_table(first, mean) + [f"![{name} flip rates{where}]({os.path.basename(figures[1])})", ""]
     return out
 
 

@@ -322,3 +322,26 @@ def test_data_efficiency_by_hand(tmp_path):
     assert mean("EXGRPO − EI-SFT") == ["+25.0", "–"]
     assert (tmp_path / "data_efficiency.png").exists()
     assert evaluate.efficiency_section([e for e in entries if e["config"]["data_fraction"] == 1], str(tmp_path)) == []
+
+
+def test_linear_probe_means_and_spread_over_run_folders_by_hand(tmp_path):
+    """Two run folders' probe.py results: each cell is the mean ± sample std of the per-folder values,
+    the control's mean in brackets; the first folder's figure is copied beside the report."""
+    for run, (acc, sel) in {"r1": ([0.5, 0.7], [0.0, 0.2]), "r2": ([0.5, 0.9], [0.0, 0.4])}.items():
+        result = dict(world="coin", target="state", positions="event", latent="side", majority_acc=0.5,
+                      checkpoints={"vanilla": dict(lr_acc=acc, control_acc=[0.5, 0.4], selectivity=sel,
+                                                   control_task_acc=[0.5, 0.6])})
+        (tmp_path / run / "probe").mkdir(parents=True)
+        (tmp_path / run / "probe" / "probe_coin_state_event.json").write_text(json.dumps(result))
+        (tmp_path / run / "probe" / "probe_coin_state_event.png").write_bytes(run.encode())
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    report = "\n" + "\n".join(evaluate.linear_probe_section([str(tmp_path / "r1"), str(tmp_path / "r2")],
+                                                             str(report_dir)))
+    section = "Linear probes"
+    # layer 1: accuracy 0.7 and 0.9 (mean 0.8, sample std 0.2 / sqrt(2) = 0.14); selectivity 0.2 and 0.4
+    rows = [line for line in report.splitlines() if line.startswith("| vanilla |")]
+    assert rows[0] == "| vanilla | 0.50 ± 0.00 (0.50) | 0.80 ± 0.14 (0.40) |"
+    assert rows[1] == "| vanilla | +0.00 ± 0.00 (0.50) | +0.30 ± 0.14 (0.60) |"
+    assert "n = 2" in report and section in report
+    assert "](probe_coin_state_event.png)" in report and (report_dir / "probe_coin_state_event.png").read_bytes() == b"r1"
