@@ -349,9 +349,14 @@ def _num(value, spec):
     return "–" if value is None else format(value, spec)
 
 
+def share(e):
+    """The share of the training questions a checkpoint was trained on (data_fraction; 1 = all)."""
+    return e["config"].get("data_fraction", 1.0)
+
+
 def partial(e):
     """Trained on a share of the training questions (the data-efficiency runs)."""
-    return e["config"].get("data_fraction", 1) < 1
+    return share(e) < 1
 
 
 def paired_interval(a, b, splits):
@@ -458,7 +463,7 @@ def efficiency_section(entries, report_dir):
     grid = {}  # family -> share -> entries
     for e in entries:
         if e["run"] in runs and split_acc(e, "test_id") is not None:
-            grid.setdefault(family(e["config"]), {}).setdefault(e["config"].get("data_fraction", 1.0), []).append(e)
+            grid.setdefault(family(e["config"]), {}).setdefault(share(e), []).append(e)
     grid = {fam: by for fam, by in sorted(grid.items(), key=lambda kv: FAMILY_ORDER.get(kv[0], len(FAMILY_ORDER)))
             if min(by) < 1}
     if not grid:
@@ -515,10 +520,9 @@ def linear_probe_section(runs, report_dir):
         mean = lambda label, key, *at: statistics.mean(values(label, key, *at))
 
         def cell(label, key, layer, sign=""):  # mean ± std over the folders, then the control's mean
-            v = values(label, key, layer)
-            spread_ = f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else ""
+            m, sd, n = spread(values(label, key, layer))
             control = "control_acc" if key == "lr_acc" else "control_task_acc"
-            return f"{statistics.mean(v):{sign}.2f}{spread_} ({mean(label, control, layer):.2f})"
+            return f"{m:{sign}.2f}{f' ± {sd:.2f}' if n > 1 else ''} ({mean(label, control, layer):.2f})"
         n_layers = len(next(iter(first["checkpoints"].values()))["lr_acc"])
         layers = [f"layer {l}" for l in range(n_layers)]
         majority = statistics.mean(r["majority_acc"] for r in results)
