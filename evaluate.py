@@ -3,8 +3,9 @@ Evaluation and the report. For each checkpoint: greedy single-turn accuracy on t
 OOD split, per world; accuracy on the EI probes of the test_id problems, per rule (explanatory
 consistency: does the student answer the questions that explain its own answers?). Then tables with
 the mean ± std over seeds, bar charts, training curves from the logs and, when runs with
-data_fraction < 1 exist, a data-efficiency plot. Inference is single-turn, as in the paper: the
-student sees the question alone, no probes in context.
+data_fraction < 1 exist, a data-efficiency plot; and, for the comparisons that count, what the study
+can resolve (variance components over seeds and problems, the minimum detectable effect). Inference
+is single-turn, as in the paper: the student sees the question alone, no probes in context.
 
     python evaluate.py --out_dir=out/default                              # every checkpoint in out/default/ckpt
     python evaluate.py --runs=out/s1,out/s2,out/s3 --out_dir=out/seeds    # one run folder per seed
@@ -61,6 +62,12 @@ LABELS = {"sft_qa": "vanilla SFT", "sft_ei": "EI-SFT", "rl_exgrpo_plain": "SFT +
 # the paired differences the report gives confidence intervals for: every row against both SFT
 # baselines, and the DSU bonus on its own
 BASELINES, PAIRS = ("sft_qa", "sft_ei"), (("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo_nobonus", "rl_exgrpo_plain"))
+# the comparisons whose power the report states (issue 20): the whole method against its SFT student,
+# the DSU bonus on its own, and the whole method against plain SFT
+COMPARISONS = (("rl_exgrpo", "sft_ei"), ("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo", "sft_qa"))
+Z_POWER = statistics.NormalDist().inv_cdf(0.975) + statistics.NormalDist().inv_cdf(0.80)  # 80% power, two-sided 5%
+SEEDS_GRID, PROBLEMS_GRID = (5, 10, 20, 40), (1000, 4000)  # seeds; problems per split
+MDE_TARGET = 2.0  # points: the detectable effect the study is sized for
 SFT_CURVES = ("val_loss", "val_acc")
 RL_CURVES = ("reward", "acc_full", "kl", "frac_zero_std", "dsu_fire_rate")
 
@@ -359,13 +366,24 @@ def partial(e):
     return share(e) < 1
 
 
-def paired_interval(a, b, splits):
-    """paired_bootstrap of checkpoints a minus b (lists of entries), matched by run folder, over the
-    problems of `splits`; None when no run folder has both."""
+def paired_diffs(a, b, splits):
+    """(seeds, problems): per-problem correctness of checkpoints a minus b (lists of entries), matched
+    by run folder, over the problems of `splits` in data order, each split cut to the problems every
+    matched checkpoint has (so seeds scored on more problems still line up); None when no run folder
+    has both or no problem is left."""
     by_run = {e["run"]: e for e in b}
-    rows = [[int(x) - int(y) for s in splits for x, y in zip(e["correct"][s], by_run[e["run"]]["correct"][s])]
-            for e in a if e["run"] in by_run]
-    return paired_bootstrap(np.array(rows, dtype=float)) if rows and rows[0] else None
+    both = [(e, by_run[e["run"]]) for e in a if e["run"] in by_run]
+    n = {s: min(len(e["correct"][s]) for pair in both for e in pair) for s in splits} if both else {}
+    rows = [[int(x) - int(y) for s in splits for x, y in zip(ea["correct"][s][:n[s]], eb["correct"][s][:n[s]])]
+            for ea, eb in both]
+    return np.array(rows, dtype=float) if rows and rows[0] else None
+
+
+def paired_interval(a, b, splits):
+    """paired_bootstrap of checkpoints a minus b over the problems of `splits` (paired_diffs); None
+    when no run folder has both."""
+    diffs = paired_diffs(a, b, splits)
+    return None if diffs is None else paired_bootstrap(diffs)
 
 
 def ci_cell(ci):
@@ -410,6 +428,93 @@ def forest_chart(path, drawn):
     ax.set_yticks(y, [name for name, _ in drawn], fontsize=7)
     ax.set(xlabel="accuracy difference over all splits (points; 95% interval)", title="Paired differences")
     save(fig, path)
+
+
+def variance_components(d):
+    """d (S seeds, P problems): paired differences y_A[s, p] - y_B[s, p], modelled as two crossed random
+    effects without replication, d = mu + a_s + b_p + e_sp: a_s what a seed does to the difference
+    (its training run), b_p what a problem does (some are hard for one row only), e_sp the rest. The
+    ANOVA (method of moments) estimates, with dbar_s, dbar_p, dbar the seed, problem and grand means:
+        MS_S = P sum_s (dbar_s - dbar)^2 / (S - 1)
+        MS_P = S sum_p (dbar_p - dbar)^2 / (P - 1)
+        MS_E = sum_sp (d_sp - dbar_s - dbar_p + dbar)^2 / ((S - 1)(P - 1))
+        var_residual = MS_E, var_seed = max(0, (MS_S - MS_E) / P), var_problem = max(0, (MS_P - MS_E) / S)
+    (E[MS_S] = sigma_e^2 + P sigma_s^2, E[MS_P] = sigma_e^2 + S sigma_p^2), in the units of d squared.
+    With one seed (or one problem) a component cannot be told from the residual: the variances are None."""
+    S, P = d.shape
+    out = dict(mean=float(d.mean()), seeds=S, problems=P)
+    if S < 2 or P < 2:
+        return dict(out, var_seed=None, var_problem=None, var_residual=None)
+    grand, by_seed, by_problem = d.mean(), d.mean(axis=1), d.mean(axis=0)
+    ms_seed = P * ((by_seed - grand) ** 2).sum() / (S - 1)
+    ms_problem = S * ((by_problem - grand) ** 2).sum() / (P - 1)
+    ms_residual = ((d - by_seed[:, None] - by_problem[None, :] + grand) ** 2).sum() / ((S - 1) * (P - 1))
+    return dict(out, ms_seed=float(ms_seed), ms_problem=float(ms_problem), ms_residual=float(ms_residual),
+                var_seed=max(0.0, float(ms_seed - ms_residual) / P),
+                var_problem=max(0.0, float(ms_problem - ms_residual) / S), var_residual=float(ms_residual))
+
+
+def mde(c, seeds, problems):
+    """The minimum detectable effect at 80% power and two-sided 5% of a study with `seeds` seeds and
+    `problems` problems: (z_0.975 + z_0.80) sqrt(V), V = var_seed/S' + var_problem/P' + var_residual/(S'P')
+    the variance of the mean difference. More problems shrink only the last two terms: the seed term
+    is a floor that only more seeds lower."""
+    v = c["var_seed"] / seeds + c["var_problem"] / problems + c["var_residual"] / (seeds * problems)
+    return Z_POWER * v ** 0.5
+
+
+def power(d, n_splits):
+    """variance_components of d (points) with the MDE now, on a grid of seeds x problems (now, and
+    PROBLEMS_GRID per split), and the fewest seeds (2 to 100: one seed cannot estimate its own
+    spread) that reach MDE_TARGET with the most problems of the grid (None if none does)."""
+    c = variance_components(d)
+    if c["var_seed"] is None:
+        return c
+    problems = list(dict.fromkeys([c["problems"]] + [n * n_splits for n in PROBLEMS_GRID]))
+    return dict(c, mde=mde(c, c["seeds"], c["problems"]),
+                grid={s: {p: mde(c, s, p) for p in problems} for s in SEEDS_GRID},
+                seeds_for_target=next((s for s in range(2, 101) if mde(c, s, problems[-1]) <= MDE_TARGET), None))
+
+
+def power_analysis(entries, splits):
+    """power of each of COMPARISONS whose two rows were evaluated, on the paired differences (in
+    points) of every split's problems pooled, matched as the paired bootstrap matches them."""
+    rows = lambda name: [e for e in entries if e["name"] == name]
+    if not all("correct" in e for e in entries):
+        return {}
+    found = {(a, b): paired_diffs(rows(a), rows(b), splits) for a, b in COMPARISONS if rows(a) and rows(b)}
+    return {f"{a} - {b}": power(100 * d, len(splits)) for (a, b), d in found.items() if d is not None}
+
+
+def power_section(analysis):
+    """The power table and its MDE grid, one row per comparison of power_analysis."""
+    if not analysis:
+        return []
+    name = lambda key: " − ".join(label(m) for m in key.split(" - "))
+    sd = lambda var: f"{var ** 0.5:.1f}"
+    rows, grid, columns = [], [], None
+    for key, c in analysis.items():
+        if c["var_seed"] is None:
+            why = "one seed: the seed component" if c["seeds"] < 2 else "one problem: the problem component"
+            rows.append([name(key), f"{c['mean']:+.1f}", "–", "–", "–", str(c["seeds"]), str(c["problems"]),
+                         f"– ({why} cannot be estimated)", "–"])
+            continue
+        columns = list(next(iter(c["grid"].values())))  # the problem counts of the grid, the same for every row
+        rows.append([name(key), f"{c['mean']:+.1f}", sd(c["var_seed"]), sd(c["var_problem"]), sd(c["var_residual"]),
+                     str(c["seeds"]), str(c["problems"]), f"{c['mde']:.1f}",
+                     str(c["seeds_for_target"] or "none up to 100")])
+        grid += [[name(key), str(s)] + [f"{v:.1f}" for v in by_p.values()] for s, by_p in c["grid"].items()]
+    target = f"seeds for MDE ≤ {MDE_TARGET:g}" + (f" at P = {columns[-1]}" if columns else "")
+    return ["## Power: what this study can resolve", "",
+            "Paired differences d[s, p] in points (same seed, same problem, every split pooled) modelled as "
+            "mu + a_s + b_p + e_sp; σ_s, σ_p, σ_e: the spread between seeds, between problems and left over "
+            "(ANOVA estimates). MDE: the smallest true difference found with 80% power at two-sided 5%, "
+            f"{Z_POWER:.2f} · sqrt(σ_s²/S + σ_p²/P + σ_e²/(S·P)) for S seeds and P problems; more problems do "
+            "not lower the seed term. σ_s rests on S − 1 degrees of freedom: with few seeds the seeds needed "
+            "are a rough guide, to be estimated again as seeds are added.", "",
+            md_table(["difference", "mean", "σ_s", "σ_p", "σ_e", "S", "P", "MDE now", target], rows), ""] + (
+        ["MDE (points) with S seeds and P problems:", "",
+         md_table(["difference", "S"] + [f"P = {p}" for p in columns], grid), ""] if grid else [])
 
 
 def probe_section(methods, order, report_dir, probe_problems=0):
@@ -561,7 +666,7 @@ def intervention_table(first, mean):
             md_table(["checkpoint", "layer"] + [f"alpha {a:g}" for a in plan["alphas"]], rows), ""]
 
 
-def write_report(cfg, runs, splits, entries, report_dir):
+def write_report(cfg, runs, splits, entries, report_dir, analysis):
     methods = {}
     for e in entries:
         methods.setdefault(e["name"], []).append(e)
@@ -575,7 +680,8 @@ def write_report(cfg, runs, splits, entries, report_dir):
               + ". Cells: accuracy in % (mean ± sample std over the n run folders when n > 1); a split pools "
               "its worlds; mean = the mean over the splits.")
     out = (["# Evaluation report", "", header, ""] + accuracy_sections(methods, order, splits, report_dir)
-           + difference_section(methods, order, splits, report_dir) + rl_section(methods, order)
+           + difference_section(methods, order, splits, report_dir) + power_section(analysis)
+           + rl_section(methods, order)
            + probe_section(methods, order, report_dir, cfg.probe_problems) + linear_probe_section(runs, report_dir)
            + curve_section(methods, order, report_dir)
            + efficiency_section(entries, report_dir))
@@ -614,8 +720,10 @@ def main(argv):
         if entry is None or entry["stamp"] != now:
             entry = dict(evaluate_checkpoint(path, run, data[run], cfg, device), stamp=now)
         entries.append(dict(entry, name=name))
-    atomic_write(results_path, json.dumps({"settings": settings, "checkpoints": {e["path"]: e for e in entries}}, indent=1))
-    write_report(cfg, runs, splits, entries, report_dir)
+    analysis = power_analysis(entries, splits)
+    atomic_write(results_path, json.dumps({"settings": settings, "checkpoints": {e["path"]: e for e in entries},
+                                           "power": analysis}, indent=1))
+    write_report(cfg, runs, splits, entries, report_dir, analysis)
     print(f"wrote {os.path.join(report_dir, 'report.md')} ({len(entries)} checkpoints)")
 
 

@@ -345,3 +345,91 @@ def test_linear_probe_means_and_spread_over_run_folders_by_hand(tmp_path):
     assert rows[1] == "| vanilla | +0.00 ± 0.00 (0.50) | +0.30 ± 0.14 (0.60) |"
     assert "n = 2" in report and section in report
     assert "](probe_coin_state_event.png)" in report and (report_dir / "probe_coin_state_event.png").read_bytes() == b"r1"
+
+
+def test_variance_components_by_hand():
+    d = np.array([[3, 0, 1, 0], [3, 1, 2, 2], [3, 2, 0, 1]], dtype=float)  # S = 3 seeds, P = 4 problems
+    # seed means 1, 2, 1.5; problem means 3, 1, 1, 1; grand mean 18/12 = 1.5
+    # MS_S = 4 * (0.25 + 0.25 + 0) / 2 = 1;  MS_P = 3 * (2.25 + 3 * 0.25) / 3 = 3
+    # residuals d - seed - problem + grand: rows (.5, -.5, .5, -.5), (-.5, -.5, .5, .5), (0, 1, -1, 0);
+    # sum of squares 1 + 1 + 2 = 4 over (3 - 1)(4 - 1) = 6: MS_E = 2/3
+    # var_seed = (1 - 2/3) / 4 = 1/12, var_problem = (3 - 2/3) / 3 = 7/9, var_residual = 2/3
+    c = evaluate.variance_components(d)
+    expected = dict(mean=1.5, ms_seed=1, ms_problem=3, ms_residual=2 / 3, var_seed=1 / 12, var_problem=7 / 9,
+                    var_residual=2 / 3)
+    assert c["seeds"] == 3 and c["problems"] == 4
+    assert {k: c[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    # V(3, 4) = (1/12)/3 + (7/9)/4 + (2/3)/12 = (1 + 7 + 2)/36; z_0.975 + z_0.80 = 1.959964 + 0.841621
+    assert evaluate.Z_POWER == pytest.approx(2.801585, abs=1e-6)
+    assert evaluate.mde(c, 3, 4) == pytest.approx(evaluate.Z_POWER * (10 / 36) ** 0.5, abs=1e-12)
+    # more seed than problem agreement: MS_S = MS_P = 0 < MS_E = 1 (residuals +-1/2 over 1 df); both clip to 0
+    c = evaluate.variance_components(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    assert (c["var_seed"], c["var_problem"], c["var_residual"]) == (0.0, 0.0, 1.0)
+    # one seed: no seed component, no MDE
+    one = evaluate.power(np.ones((1, 5)), n_splits=1)
+    assert one["var_seed"] is None and "mde" not in one and one["mean"] == 1.0
+
+
+def test_variance_components_recover_a_known_truth():
+    """0/1 answers of two rows on S = 200 seeds x P = 400 problems: row A right with probability
+    0.5 + u_s + v_p (u_s = +-0.1: seed variance 0.01; v_p = +-0.2: problem variance 0.04), row B
+    with probability 0.5 on its own. The residual is the coin flips' variance: E[pi (1 - pi)] for A,
+    0.25 - 0.01 - 0.04 = 0.20, plus 0.25 for B = 0.45. Sampling error of each estimate is a few
+    percent here (the seed component's, from the residual's noise over 200 seeds, about 3%): 10% holds."""
+    rng = np.random.default_rng(0)
+    u = rng.choice([-0.1, 0.1], size=(200, 1))
+    v = rng.choice([-0.2, 0.2], size=(1, 400))
+    y_a = rng.random((200, 400)) < 0.5 + u + v
+    y_b = rng.random((200, 400)) < 0.5
+    c = evaluate.power(y_a.astype(float) - y_b, n_splits=4)
+    assert (c["var_seed"], c["var_problem"], c["var_residual"]) == pytest.approx((0.01, 0.04, 0.45), rel=0.1)
+    truth = evaluate.Z_POWER * (0.01 / 200 + 0.04 / 400 + 0.45 / (200 * 400)) ** 0.5
+    assert c["mde"] == pytest.approx(truth, rel=0.05)
+
+
+def test_seed_spread_sets_a_floor_that_more_problems_do_not_lower():
+    # each seed shifts every problem alike: d[s, p] = u_s, u = (3, -1, 1, 1), sample variance
+    # (4 + 4 + 0 + 0) / 3 = 8/3; nothing else varies. MDE(S', P') = Z sqrt(8/3 / S') for every P'
+    seeds_only = evaluate.power(np.repeat([[3.0], [-1.0], [1.0], [1.0]], 6, axis=1), n_splits=1)
+    assert seeds_only["var_seed"] == pytest.approx(8 / 3, abs=1e-12) and seeds_only["var_residual"] == 0
+    for s, by_problems in seeds_only["grid"].items():
+        assert list(by_problems) == [6, 1000, 4000]
+        assert list(by_problems.values()) == pytest.approx([evaluate.Z_POWER * (8 / 3 / s) ** 0.5] * 3, abs=1e-12)
+    # MDE <= 2 needs 8/3 / S' <= (2 / Z)^2, S' >= 5.23: 6 seeds (5 give 2.05)
+    assert seeds_only["seeds_for_target"] == 6
+    # the mirror: each problem shifts every seed alike, v = (2, 0, 0, -2), variance 8/3; more seeds do nothing
+    problems_only = evaluate.power(np.tile([2.0, 0.0, 0.0, -2.0], (3, 1)), n_splits=1)
+    assert problems_only["var_seed"] == 0 and problems_only["var_problem"] == pytest.approx(8 / 3, abs=1e-12)
+    assert problems_only["grid"][5] == pytest.approx(problems_only["grid"][40], abs=1e-12)
+    assert problems_only["grid"][5][4] == pytest.approx(evaluate.Z_POWER * (8 / 3 / 4) ** 0.5, abs=1e-12)
+    assert problems_only["seeds_for_target"] == 2
+
+
+def test_power_section_in_the_report(stub_runs, monkeypatch):
+    tmp_path, _ = stub_runs
+    report, results = run_main(tmp_path)
+    # only EXGRPO - vanilla SFT has both rows, on one seed (s1): the seed component cannot be estimated
+    assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)"]) == [
+        "-25.0", "–", "–", "–", "1", "16", "– (one seed: the seed component cannot be estimated)", "–"]
+    assert list(results["power"]) == ["rl_exgrpo - sft_qa"] and results["power"]["rl_exgrpo - sft_qa"]["var_seed"] is None
+    # a second seed of EXGRPO that answers nothing right. d over the 16 problems (test_id, ood_long,
+    # ood_reverse, ood_names): s1 0001 -1000 0000 -1-1-1-1 (mean -1/4), s2 -1000 -10-10 -1000 -1-1-1-1
+    # (mean -1/2), grand mean -3/8. With two seeds the residual is +-(delta_p - mean delta)/2, delta = s1 - s2 =
+    # 1001 0010 1000 0000 (mean 1/4, sample variance (4 - 16/16)/15 = 1/5): MS_E = (15/5)/2/15 = 1/10.
+    # MS_S = 16 * 2 * (1/8)^2 = 1/2; problem means -.5 0 0 .5, -1 0 -.5 0, -.5 0 0 0, -1 -1 -1 -1:
+    # sum of squares about -3/8 = 6 - 16 * 9/64 = 15/4, MS_P = 2 * (15/4) / 15 = 1/2.
+    # var_seed = (1/2 - 1/10) / 16 = 1/40, var_problem = (1/2 - 1/10) / 2 = 1/5, var_residual = 1/10;
+    # in points^2: 250, 2000, 1000 (sd 15.8, 44.7, 31.6).
+    # MDE now: Z sqrt(250/2 + 2000/16 + 1000/32) = Z sqrt(281.25) = 47.0; S' = 5, P' = 16:
+    # Z sqrt(50 + 125 + 12.5) = 38.4. At P' = 16000 the seed term alone needs S' >= 250 / (2/Z)^2 = 491
+    (tmp_path / "s2" / "ckpt" / "rl_exgrpo.pt").write_bytes((tmp_path / "s1" / "ckpt" / "rl_exgrpo.pt").read_bytes())
+    monkeypatch.setitem(RIGHT, ("s2", "rl_exgrpo"), set())
+    report, results = run_main(tmp_path)
+    assert cells(report, "Power", ["difference", "mean"])[-1] == "seeds for MDE ≤ 2 at P = 16000"
+    assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)", "-37.5"]) == [
+        "15.8", "44.7", "31.6", "2", "16", "47.0", "none up to 100"]
+    assert cells(report, "Power", ["difference", "S"]) == ["P = 16", "P = 4000", "P = 16000"]
+    assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)", "5"])[0] == "38.4"
+    saved = results["power"]["rl_exgrpo - sft_qa"]
+    assert (saved["var_seed"], saved["var_problem"], saved["var_residual"]) == pytest.approx((250, 2000, 1000), abs=1e-9)
+    assert "EI-SFT" not in report.split("## Power")[1].split("\n## ")[0]  # no sft_ei row: no comparison with it
