@@ -203,6 +203,8 @@ class ChatClient:
 
     def complete(self, bodies, desc):
         """bodies [{messages, max_tokens, seed, temperature}] -> [{content, finish_reason} or None]."""
+        if not bodies:
+            return []
         bodies = [{'model': self.model, **b} for b in bodies]
         keys = [hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest() for b in bodies]
         replies, todo = {}, {}

@@ -211,20 +211,24 @@ def is_correct(world, text, gold, question=None):
 
 # ---- records on disk (invert.py writes them; every later stage reads them with load_records) ----
 
-def check_record(r, where):
-    """Fill a user's record up to our schema; stop with where (file:line) and what was expected."""
+def check_record(r, where, rationale=True):
+    """Fill a user's record up to our schema; stop with where (file:line) and what was expected. With
+    rationale=False a record may leave its rationale out (None: an LLM teacher writes it, invert.py)."""
     if not isinstance(r, dict):
         raise SystemExit(f'{where}: expected a JSON object with question, answer, rationale, got {type(r).__name__}')
     fields = (('question', str, None), ('answer', str, None), ('rationale', str, None), ('probes', list, []),
               ('id', str, where), ('world', str, 'user'), ('split', str, 'train'))
     for key, typ, default in fields:
+        if key == 'rationale' and not rationale and r.get(key) is None:
+            r[key] = None
+            continue
         if key not in r and default is None:
             raise SystemExit(f"{where}: missing field '{key}' (expected a non-empty string)")
         r.setdefault(key, default)
         if not isinstance(r[key], typ) or (typ is str and not r[key]):
             expected = 'a non-empty string' if typ is str else 'a list of objects'
             raise SystemExit(f"{where}: field '{key}' must be {expected}, got {json.dumps(r[key])}")
-    if not is_correct(r['world'], r['rationale'], r['answer'], r['question']):
+    if r['rationale'] is not None and not is_correct(r['world'], r['rationale'], r['answer'], r['question']):
         raise SystemExit(f"{where}: the rationale must end with 'The answer is {r['answer']}.' (the record's answer)")
     for k, pr in enumerate(r['probes']):
         if not isinstance(pr, dict):
@@ -240,9 +244,9 @@ def check_record(r, where):
     return r
 
 
-def load_records(path, world=None):
+def load_records(path, world=None, rationale=True):
     """The records of a JSONL file (ours, or a user's with question, answer, rationale and optional
-    probes, id, world), checked line by line; optionally only one world's."""
+    probes, id, world), checked line by line; optionally only one world's. rationale=False: see check_record."""
     if not os.path.isfile(path):
         raise SystemExit(f'{path} is not a file' if os.path.exists(path) else f'{path} does not exist')
     out = []
@@ -258,7 +262,7 @@ def load_records(path, world=None):
                 except json.JSONDecodeError as e:
                     raise SystemExit(f'{path}:{n}: not valid JSON ({e.msg}); '
                                      'expected one JSON object per line') from None
-                r = check_record(r, f'{path}:{n}')
+                r = check_record(r, f'{path}:{n}', rationale)
                 if world is None or r['world'] == world:
                     out.append(r)
     return out
