@@ -6,7 +6,8 @@ rollouts x 64 new tokens, beta 0.04), its sampling time and peak memory, against
 GRPOTrainer on the same model and sizes when trl is installed. Each RL run is its own process,
 so its peak RSS is its own.
 
-    python bench.py                                  # tiny (compact vocab) and GPT-2 124M shapes, RL step
+    python bench.py                                  # tiny (compact vocab), S and GPT-2 124M shapes, RL step
+    python bench.py --shapes=S --threads=2 --iters=5 --rl=False   # sampling at shape S, 8 and 64 rows
     python bench.py --shapes=tiny --threads=2 --iters=5 --rl=False
     python bench.py --shapes=nano --batch=2 --seq_len=16 --gen_batch=2 --new_tokens=4 --iters=1 --warmup=0
     python bench.py --shapes= --rl_questions=2 --rl_group=2 --rl_new_tokens=4   # the RL rows only, small
@@ -38,13 +39,13 @@ from tokenizer import gpt2_bpe_files
 
 @dataclass
 class BenchConfig:
-    shapes: str = "tiny,gpt2"  # comma-separated presets of model.PRESETS
-    compact_vocab: int = 200   # vocab of the non-GPT-2 presets (a compact task vocabulary); gpt2* use 50257
+    shapes: str = "tiny,S,gpt2"  # comma-separated presets of model.PRESETS, or S: tiny with GPT-2's 50257 outputs
+    compact_vocab: int = 200   # vocab of the other tiny presets (a compact task vocabulary); gpt2* and S use 50257
     threads: int = 1           # torch threads; 0 keeps torch's default
     device: str = "cpu"        # cpu | cuda | auto
     batch: int = 4             # training batch
     seq_len: int = 128         # training sequence length
-    gen_batch: int = 8         # prompts sampled at once
+    gen_batch: str = "8,64"    # prompts sampled at once (one sample each), comma-separated: one row per count
     prompt_len: int = 16       # tokens per prompt
     new_tokens: int = 64       # tokens sampled per prompt
     warmup: int = 1            # untimed repetitions first
@@ -113,7 +114,8 @@ def sample_nocache(model, prompts, new_tokens, gen):
         for layer, block in enumerate(tr.h):
             x = block(x, None, None, layer)
         logits = model.lm_head(tr.ln_f(x[:, -1]))
-        idx = torch.cat([idx, sample_next(logits, 1.0, None, gen)[:, None]], dim=1)
+        u = torch.rand(idx.size(0), 1, generator=gen, device=idx.device)
+        idx = torch.cat([idx, sample_next(logits, 1.0, None, u)[:, None]], dim=1)
     return idx.size(0) * new_tokens
 
 
@@ -129,11 +131,12 @@ def hf_model(config):
 
 def bench_shape(name, cfg, device, with_hf):
     """[what, ours tok/s, (HF tok/s)] rows for one preset; with_hf adds transformers' numbers."""
-    vocab = 50257 if name.startswith("gpt2") else cfg.compact_vocab
-    config = GPTConfig(**PRESETS[name], vocab_size=vocab)
+    vocab = 50257 if name.startswith("gpt2") or name == "S" else cfg.compact_vocab
+    config = GPTConfig(**PRESETS["tiny" if name == "S" else name], vocab_size=vocab)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x = torch.randint(0, vocab, (cfg.batch, cfg.seq_len + 1), device=device, generator=g)
-    prompts = torch.randint(0, vocab, (cfg.gen_batch, cfg.prompt_len), device=device, generator=g)
+    batches = [int(n) for n in cfg.gen_batch.split(",")]
+    prompts = {n: torch.randint(0, vocab - 1, (n, cfg.prompt_len), device=device, generator=g) for n in batches}
     rows = []
 
     torch.manual_seed(cfg.seed)
@@ -142,13 +145,15 @@ def bench_shape(name, cfg, device, with_hf):
     timed = lambda fn: tokens_per_s(fn, device, cfg.warmup, cfg.iters)
     rows.append(["train", timed(lambda: train_step(model.train(), opt, x, False))])
 
-    def generate():
-        tokens, _ = model.generate(prompts.tolist(), cfg.new_tokens, temperature=1.0, seed=cfg.seed)
+    def generate(n):
+        tokens, _ = model.generate(prompts[n].tolist(), cfg.new_tokens, temperature=1.0, seed=cfg.seed)
         return tokens.numel()  # every row runs until the last row stops
-    rows.append(["sample (KV cache)", timed(generate)])
+    for n in batches:
+        rows.append([f"sample {n} rows", timed(lambda: generate(n))])
     if cfg.nocache:
         model.eval()
-        rows.append(["sample (no cache)", timed(lambda: sample_nocache(model, prompts, cfg.new_tokens, g))])
+        rows.append([f"sample {batches[0]}, no cache", timed(lambda: sample_nocache(model, prompts[batches[0]],
+                                                                                  cfg.new_tokens, g))])
     del model, opt
 
     if with_hf:
@@ -157,9 +162,10 @@ def bench_shape(name, cfg, device, with_hf):
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
         rows[0].append(timed(lambda: train_step(hf.train(), opt, x[:, :-1], True)))
         hf.eval()
-        kw = dict(do_sample=True, top_k=0, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
-                  use_cache=True, pad_token_id=vocab - 1, attention_mask=torch.ones_like(prompts))
-        rows[1].append(timed(lambda: (hf.generate(prompts, **kw).size(1) - cfg.prompt_len) * cfg.gen_batch))
+        for i, n in enumerate(batches):
+            kw = dict(do_sample=True, top_k=0, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                      use_cache=True, pad_token_id=vocab - 1, attention_mask=torch.ones_like(prompts[n]))
+            rows[1 + i].append(timed(lambda: (hf.generate(prompts[n], **kw).size(1) - cfg.prompt_len) * n))
         del hf, opt
     return config, rows
 
@@ -242,16 +248,18 @@ def trl_steps(cfg, run):
         json.dump(times, f)
 
 
-LIMITS = dict(**dict.fromkeys(("batch", "seq_len", "gen_batch", "prompt_len", "new_tokens", "iters"), "[1, inf)"),
+LIMITS = dict(**dict.fromkeys(("batch", "seq_len", "prompt_len", "new_tokens", "iters"), "[1, inf)"),
               compact_vocab="[2, inf)", threads="[0, inf)", warmup="[0, inf)", seed="[0, inf)",
               **dict.fromkeys(("rl_questions", "rl_group", "rl_new_tokens"), "[1, inf)"))
 
 
 def main(argv):
     cfg = parse_config(BenchConfig(), argv, LIMITS)
-    unknown = [name for name in cfg.shapes.split(",") if name and name not in PRESETS]
+    unknown = [name for name in cfg.shapes.split(",") if name and name not in PRESETS and name != "S"]
     if unknown:
-        raise SystemExit(f"--shapes: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+        raise SystemExit(f"--shapes: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}, S")
+    if not all(n.isdigit() and int(n) > 0 for n in cfg.gen_batch.split(",")):
+        raise SystemExit(f"--gen_batch={cfg.gen_batch}: give prompt counts such as 8 or 8,64")
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     if cfg.trl_run:  # the child bench_rl starts, so that TRL's peak memory is measured alone
@@ -266,15 +274,15 @@ def main(argv):
           f"median of {cfg.iters} after {cfg.warmup} warm-up")
     if cfg.hf and not has_transformers:
         print("transformers is not installed: no comparison")
-    print(f"{'shape':<12} {'what':<18} {'ours tok/s':>11} {'HF tok/s':>10} {'ours/HF':>8}")
+    print(f"{'shape':<12} {'what':<20} {'ours tok/s':>11} {'HF tok/s':>10} {'ours/HF':>8}")
     for name in [name for name in cfg.shapes.split(",") if name]:
         config, rows = bench_shape(name, cfg, device, cfg.hf and has_transformers)
         label = f"{name} V={config.vocab_size}"
         for what, ours, *theirs in rows:
             hf = f"{theirs[0]:10.0f} {ours / theirs[0]:8.2f}" if theirs else f"{'-':>10} {'-':>8}"
-            print(f"{label:<12} {what:<18} {ours:11.0f} {hf}")
+            print(f"{label:<12} {what:<20} {ours:11.0f} {hf}")
         if cfg.nocache:
-            print(f"{label:<12} {'KV cache speed-up':<18} {rows[1][1] / rows[2][1]:11.2f}x")
+            print(f"{label:<12} {'KV cache speed-up':<20} {rows[1][1] / rows[-1][1]:11.2f}x")
     if cfg.rl:
         with_trl = importlib.util.find_spec("trl") is not None
         print(f"\nGRPO step at shape S (tiny preset, V=50257): {cfg.rl_questions} coin questions x {cfg.rl_group} "

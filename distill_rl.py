@@ -64,7 +64,7 @@ class Config:
     device: str = "auto"              # auto | cpu | cuda
     threads: int = 0                  # torch threads; 0 = torch's default
     dtype: str = "auto"               # forwards: auto (bf16 autocast on CUDA, else fp32) | float32 | bfloat16
-    compile: bool = False             # torch.compile the training forward (sampling and scoring stay eager)
+    compile: bool = False             # torch.compile the training forward and the decode step (scoring stays eager)
     # from-scratch student
     n_layer: int = 4                  # transformer blocks
     n_head: int = 4                   # attention heads
@@ -505,6 +505,8 @@ def main(argv):
               f"init {cfg.init}, device {device}, {torch.get_num_threads()} threads")
     model = DistributedDataParallel(raw_model) if world_size > 1 else raw_model
     model = torch.compile(model) if cfg.compile else model  # what the gradient flows through; unwrap() undoes it
+    if cfg.compile:
+        raw_model.compile_decode()  # CUDA graphs for the rollouts' decode steps (README, "Speed")
     with run_lock(cfg, rank):
         (train_sft if cfg.stage == "sft" else train_rl)(cfg, model, tok, device, rank, world_size)
     if world_size > 1:

@@ -51,32 +51,46 @@ PRESETS = {
 
 
 class KVCache:
-    """Keys/values of every layer for a batch, preallocated to max_len. `valid` marks real
-    (non-pad) key slots; `n_real` counts each row's real tokens, i.e. the next position id."""
+    """Keys/values of every layer for a batch, preallocated to max_len slots and written in place, so
+    a decode step has the same shapes at every step (what CUDA graphs need). `valid` marks the real
+    (non-pad) slots, `n_real` counts each row's real tokens (its next position id), `filled` the
+    slots written so far (a tensor, so a captured step can advance it)."""
 
     def __init__(self, config, batch, max_len, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch, config.n_head, max_len, hs)
         if torch.is_autocast_enabled(torch.device(device).type):  # keys and values in bf16: half the memory
             dtype = torch.get_autocast_dtype(torch.device(device).type)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # zeros: a never-written slot is masked,
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # and 0 * garbage could be NaN
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0
+        self.filled = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = None  # the slots the running forward writes, (T,)
 
-    def add(self, real):
-        """Make room for T more slots and mark which are real, (B, T) bool. Returns the real-key
-        mask of every slot so far, (B, length + T); the layers then write their keys and values."""
-        start, T = self.length, real.size(1)
-        if start + T > self.k.size(3):  # grow by doubling: a dialogue's later turns outgrow the first guess
-            grow = max(start + T, 2 * self.k.size(3)) - self.k.size(3)
-            pad = lambda t: torch.cat([t, t.new_empty(*t.shape[:3], grow, t.size(4))], dim=3)
+    @property
+    def length(self):
+        return int(self.filled)
+
+    def reserve(self, n):
+        """Room for n more slots, by doubling: a dialogue's later turns outgrow the first guess."""
+        grow = max(self.length + n, 2 * self.k.size(3)) - self.k.size(3) if self.length + n > self.k.size(3) else 0
+        if grow:
+            pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], grow, t.size(4))], dim=3)
             self.k, self.v = pad(self.k), pad(self.v)
             self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1)
+
+    def add(self, real):
+        """Mark the next T slots' real tokens, (B, T) bool, and point the layers at them. Returns the
+        real-key mask of every slot, (B, max_len), and the new slots, (T,)."""
+        start, T = self.length, real.size(1)
+        if start + T > self.k.size(3):
+            raise ValueError(f"KV cache of {self.k.size(3)} slots cannot take {start + T}: allocate more")
+        self.slots = torch.arange(start, start + T, device=real.device)
         self.valid[:, start:start + T] = real
         self.n_real += real.sum(1)
-        return self.valid[:, :start + T]
+        self.filled += T
+        return self.valid, self.slots
 
     def repeat_interleave(self, n):
         """Prefill once, then give each of the n samples of a prompt its own copy."""
@@ -85,13 +99,12 @@ class KVCache:
         self.n_real = self.n_real.repeat_interleave(n, dim=0)
 
 
-def attention_mask(keys, T):
-    """(B, 1, T, Tk) bool mask for the last T of Tk slots: a query sees the real keys at or before
-    it. keys (B, Tk) marks the real slots. A pad query may see no real key, and SDPA returns NaN for
-    an empty row, so every query also sees itself (pad outputs are never used)."""
-    Tk = keys.size(1)
-    q_slot = torch.arange(Tk - T, Tk, device=keys.device)[:, None]
-    k_slot = torch.arange(Tk, device=keys.device)[None, :]
+def attention_mask(keys, q_slots):
+    """(B, 1, T, Tk) bool mask for queries at slots q_slots (T,) of Tk: a query sees the real keys at
+    or before it. keys (B, Tk) marks the real slots. A pad query may see no real key, and SDPA returns
+    NaN for an empty row, so every query also sees itself (pad outputs are never used)."""
+    k_slot = torch.arange(keys.size(1), device=keys.device)[None, :]
+    q_slot = q_slots[:, None]
     return (((k_slot <= q_slot)[None] & keys[:, None, :]) | (k_slot == q_slot)[None])[:, None]
 
 
@@ -107,11 +120,10 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:
-            start = cache.length
-            cache.k[layer, :, :, start:start + T] = k
-            cache.v[layer, :, :, start:start + T] = v
-            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+        if cache is not None:  # write this step's slots in place, attend over every slot (mask)
+            cache.k[layer].index_copy_(2, cache.slots, k.to(cache.k.dtype))
+            cache.v[layer].index_copy_(2, cache.slots, v.to(cache.v.dtype))
+            k, v = cache.k[layer], cache.v[layer]  # (B, nh, max_len, hs)
         drop = self.dropout if self.training else 0.0
         # mask None: plain causal self-attention (training); else an explicit (B, 1, Tq, Tk) mask,
         # because SDPA's is_causal aligns the triangle top-left when Tq != Tk (a cached step is wrong)
@@ -189,7 +201,8 @@ class GPT(nn.Module):
             if positions is None:
                 past = 0 if kv_cache is None else kv_cache.n_real[:, None]
                 positions = (past + real.long().cumsum(1) - 1).clamp(min=0)
-            mask = attention_mask(real if kv_cache is None else kv_cache.add(real), T)
+            keys, q_slots = (real, torch.arange(T, device=idx.device)) if kv_cache is None else kv_cache.add(real)
+            mask = attention_mask(keys, q_slots)
         elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
         if positions.max() >= self.config.block_size:
@@ -201,8 +214,6 @@ class GPT(nn.Module):
             x = block(x, mask, kv_cache, layer)
             if return_hidden:
                 hidden.append(x)
-        if kv_cache is not None:
-            kv_cache.length += T
         with torch.autocast(idx.device.type, enabled=False):  # fp32 under bf16 autocast: bf16 rounds GPT-2's
             x = self.transformer.ln_f(x.float())              # logits (tens) to steps of 0.25
             logits = self.lm_head(x) if head else x  # (B, T, V), or the final hidden states (B, T, C)
@@ -217,6 +228,39 @@ class GPT(nn.Module):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(self.parameters()).is_cuda)
 
+    def decode(self, idx, real, cache):
+        """One token per row into the cache's next slot: idx (N,) ids, real (N,) bool (False: the filler
+        of a finished row) -> the final hidden states (N, C), after ln_f. Every tensor has the same
+        shape at every step (the query attends over all max_len slots through the mask, and the slot
+        is a tensor), so the step can be captured once: see compile_decode."""
+        cache.slots = slot = cache.filled  # (1,)
+        positions = (cache.n_real + real - 1).clamp(min=0)  # a real token's position: the real tokens before it
+        cache.valid.index_fill_(1, slot, True)  # the query sees itself: a pad query must see some key
+        x = (self.transformer.wte(idx) + self.transformer.wpe(positions))[:, None]  # (N, 1, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache.valid[:, None, None], cache, layer)  # mask (N, 1, 1, max_len)
+        cache.valid.index_copy_(1, slot, real[:, None])  # a filler stays invisible to later queries
+        cache.n_real += real
+        cache.filled += 1
+        with torch.autocast(idx.device.type, enabled=False):
+            return self.transformer.ln_f(x[:, 0].float())
+
+    def compile_decode(self):
+        """Compile the decode step at its first call (on CUDA with CUDA graphs: one replay per token in
+        place of ~20 kernel launches per layer). Where that fails (no C++ compiler, no Triton) the
+        step stays eager, with one note: eager is correct, only slower."""
+        def first_call(*args):
+            try:
+                compiled = torch.compile(self.decode, mode="reduce-overhead" if args[0].is_cuda else None,
+                                         fullgraph=True)
+                out = compiled(*args)
+            except Exception as e:  # compilation happens before the step runs: the cache is untouched
+                print(f"note: torch.compile failed here ({type(e).__name__}: {str(e)[:80]}); decoding stays eager")
+                compiled, out = self.decode, self.decode(*args)
+            self.decode_step = compiled
+            return out
+        self.decode_step = first_call
+
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=None,
                  stop_ids=None, seed=None, eot=None, kv_cache=None):
@@ -226,7 +270,8 @@ class GPT(nn.Module):
         With kv_cache (one row per prompt, num_samples 1) the prompts continue what the cache holds
         and the cache keeps prompts and samples: a multi-turn dialogue without prefilling it again.
         Returns (tokens, mask), (len(prompts) * num_samples, T_new), prompt-major: new tokens
-        right-padded with eot; mask True on every generated token up to the one that stopped the row."""
+        right-padded with eot; mask True on every generated token up to the one that stopped the row.
+        The cache is sized for the whole call first, so every decode step has the same shapes."""
         device = self.transformer.wte.weight.device
         eot = self.config.vocab_size - 1 if eot is None else eot
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -246,16 +291,27 @@ class GPT(nn.Module):
             idx[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         real = torch.arange(longest, device=device)[None, :] >= (longest - lengths)[:, None]
         cache = kv_cache or KVCache(self.config, B, longest + max_new_tokens, device, self.transformer.wte.weight.dtype)
+        cache.reserve(longest + max_new_tokens)  # the most this call writes: its decode steps never reallocate
         hidden, _ = self(idx, attn_mask=real, kv_cache=cache, head=False)  # the head on the last position only
-        logits = self.lm_head(hidden[:, -1]).repeat_interleave(num_samples, dim=0)  # (N, V)
+        h = hidden[:, -1].repeat_interleave(num_samples, dim=0)  # (N, C)
         if num_samples > 1:
             cache.repeat_interleave(num_samples)
+        if getattr(self, "decode_step", self.decode) != self.decode:  # a captured step replays fixed addresses
+            for t in (cache.k, cache.v, cache.valid, cache.n_real, cache.filled):
+                torch._dynamo.mark_static_address(t)
         stops = [torch.tensor(s, device=device) for s in (stop_ids or [])]
         out = torch.full((N, max_new_tokens), eot, dtype=torch.long, device=device)
         mask = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=device)
         done = (lengths == 0).repeat_interleave(num_samples)
         for t in range(max_new_tokens):
-            nxt = torch.where(done, eot, sample_next(logits, temperature, top_k, gen))
+            # a finished row skips the head and the draw (the head is most of a step at GPT-2's
+            # vocabulary); every row's uniform is drawn, so the stream does not depend on who finished
+            u = None if temperature == 0 else torch.rand(N, 1, generator=gen, device=device)
+            live = (~done).nonzero().squeeze(1)
+            nxt = torch.full((N,), eot, dtype=torch.long, device=device)
+            with torch.autocast(device.type, enabled=False):  # fp32 logits, as scoring has: the policy that
+                logits = self.lm_head(h[live])                 # samples is the one scored (README, "On a GPU")
+            nxt[live] = sample_next(logits, temperature, top_k, None if u is None else u[live])
             out[:, t], mask[:, t] = nxt, ~done
             was_done, done = done, done | (nxt == eot)
             for s in stops:
@@ -264,7 +320,7 @@ class GPT(nn.Module):
             if (bool(done.all()) or t == max_new_tokens - 1) and kv_cache is None:
                 break  # nobody will read the cache: the last tokens need not go through the model
             # the token that stopped a row is context for a later turn; filler after it is not
-            logits = self(nxt[:, None], attn_mask=~was_done[:, None], kv_cache=cache)[0][:, -1]
+            h = getattr(self, "decode_step", self.decode)(nxt, ~was_done, cache)
             if bool(done.all()):
                 break
         self.train(was_training)
@@ -297,19 +353,19 @@ class GPT(nn.Module):
 # --- sampling and log-prob helpers -----------------------------------------------------------
 
 
-def sample_next(logits, temperature, top_k, gen):
-    """One token per row. Inverse-CDF draw (cumsum + searchsorted): torch.multinomial over 50257
-    logits costs ~20x more on CPU at batch 128 (measured)."""
+def sample_next(logits, temperature, top_k, u):
+    """One token per row: the argmax at temperature 0, else the inverse-CDF draw (cumsum +
+    searchsorted) of the uniforms u (B, 1) in [0, 1). torch.multinomial over 50257 logits costs ~20x
+    more on CPU at batch 128 (measured)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(logits.size(0), 1, generator=gen, device=logits.device) * cdf[:, -1:]
     # right=True: token i is drawn when cdf[i-1] <= u < cdf[i], never when its probability is 0
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
 
 
 def pad_rows(rows, device, fill=0):

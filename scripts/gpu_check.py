@@ -11,7 +11,8 @@ files (each takes the keys it knows) and --out_dir, --device, --init from here. 
 this process one after another: invert, EI-SFT, EXGRPO from the EI-SFT student, a linear probe of
 both, evaluate. So each stage's peak GPU memory is torch.cuda.max_memory_allocated() since it
 began. SFT tokens/s and the RL step times come from the stages' logs; rollout tokens/s counts every
-token the student wrote in sample_rollouts (both scenarios) over the seconds spent there.
+token the student wrote in sample_rollouts (both scenarios) over the seconds spent there. Last, the
+decode step of the EI-SFT student, eager and compiled (CUDA graphs), in seconds per token.
 """
 import json
 import os
@@ -69,6 +70,35 @@ def count_rollout_tokens(counter):
     distill_rl.sample_rollouts = counted
 
 
+def decode_timing(path, device, rows=64, new_tokens=64, reps=3):
+    """Seconds per decode step (one token for every row), eager and, on a GPU, with compile_decode (CUDA
+    graphs), medians of reps sampled calls after one warm-up (the compiled one's warm-up compiles),
+    and whether the two sample the same tokens from the same seed (on CPU the dry run skips compiling:
+    inductor takes a minute there)."""
+    from model import load_model
+    model, tok, _ = load_model(path, device)
+    prompts = [tok.encode("Q: Is the coin heads up?")] * rows
+    def timed():
+        times = []
+        for i in range(reps + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.time()
+            tokens, _ = model.generate(prompts, new_tokens, temperature=1.0, seed=0, eot=-1)  # no row stops
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append((time.time() - t0) / new_tokens)
+        return round(statistics.median(times[1:]), 6), tokens
+    eager, tokens = timed()
+    result = dict(rows=rows, new_tokens=new_tokens, eager_s_per_step=eager, compiled_s_per_step=None)
+    if device.startswith("cuda"):
+        model.compile_decode()
+        compiled, tokens_compiled = timed()
+        result.update(compiled_s_per_step=compiled, compiled_tokens_per_s=round(rows / compiled, 1),
+                      same_tokens=bool(torch.equal(tokens, tokens_compiled)))
+    return result
+
+
 def read_log(out_dir, name):
     with open(os.path.join(out_dir, "logs", f"{name}.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -109,6 +139,7 @@ def run(cfg, files):
                                           f"--data={out}/data", "--world=coin", f"--out_dir={out}/probe",
                                           f"--device={cfg.device}"] + cfg.probe_args.split()), report)
     in_stage("evaluate", lambda: evaluate.main(common + cfg.evaluate_args.split()), report)
+    report["decode"] = in_stage("decode", lambda: decode_timing(f"{ckpt}/sft_ei.pt", cfg.device), report)
     sft_log, rl_log = read_log(out, "sft_ei"), read_log(out, "rl_exgrpo")
     report.update(
         total_seconds=round(time.time() - t0, 1),
@@ -134,7 +165,9 @@ def main(argv):
     atomic_write(path, json.dumps(report, indent=1) + "\n")
     peak = f"{report['peak_memory_gb']} GB" if report["peak_memory_gb"] else "not measured on CPU"
     print(f"wrote {path}: {report['total_seconds']} s, SFT {report['sft_tokens_per_s']:.0f} tokens/s, RL step "
-          f"{report['rl_step_s']:.2f} s, rollouts {report['rl_rollout_tokens_per_s']:.0f} tokens/s, peak memory {peak}")
+          f"{report['rl_step_s']:.2f} s, rollouts {report['rl_rollout_tokens_per_s']:.0f} tokens/s, decode step "
+          f"{report['decode']['eager_s_per_step']} s eager, {report['decode']['compiled_s_per_step']} s compiled, "
+          f"peak memory {peak}")
 
 
 if __name__ == "__main__":

@@ -300,14 +300,14 @@ def test_bf16_autocast_path_on_cpu(data_dir):
     assert stats["kl"] == 0.0 and stats["clipped"] == 0.0 and math.isfinite(stats["loss"])
 
 
-def test_compile_wraps_the_training_forward_only(data_dir, monkeypatch):
-    """compile=True: the gradient's forward goes through torch.compile (dynamo with its eager
-    backend here: inductor takes a minute on CPU), the losses stay the golden ones and the
-    checkpoint's keys are the plain model's."""
+def test_compile_wraps_the_training_forward_and_the_decode_step(data_dir, monkeypatch):
+    """compile=True: the gradient's forward and the decode step of the evaluation's sampling go
+    through torch.compile (dynamo with its eager backend here: inductor takes a minute on CPU), the
+    losses stay the golden ones and the checkpoint's keys are the plain model's."""
     compiled, real = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or real(model, backend="eager"))
-    model = sft(data_dir, "--max_iters=2", "--name=compiled", "--compile=True", "--eval_interval=100")
-    assert compiled == [model]
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, backend="eager"))
+    model = sft(data_dir, "--max_iters=2", "--name=compiled", "--compile=True", "--eval_interval=2")
+    assert compiled == [model, model.decode]
     assert [r["loss"] for r in log(data_dir, "compiled")] == pytest.approx(GOLDEN_SFT_LOSSES[:2], rel=1e-5)
     assert list(weights(data_dir, "compiled")) == list(model.state_dict())
 

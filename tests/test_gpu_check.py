@@ -12,7 +12,7 @@ from gpt2_files import save_hf
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["invert", "sft", "rl", "probe", "evaluate"]
+STAGES = ["invert", "sft", "rl", "probe", "evaluate", "decode"]
 SPLITS = ["test_id", "ood_long", "ood_reverse", "ood_names"]
 
 
@@ -31,6 +31,7 @@ def check_report(report, out):
     assert report["device"] == "cpu" and report["peak_memory_gb"] is None  # measured on CUDA only
     assert report["sft_tokens_per_s"] > 0 and report["rl_step_s"] > 0 and report["rl_rollout_tokens_per_s"] > 0
     assert set(report["rl_step_parts_s"]) == {"sample", "score", "update"}
+    assert report["decode"]["eager_s_per_step"] > 0 and report["decode"]["compiled_s_per_step"] is None  # GPU only
     assert {name: sorted(acc) for name, acc in report["accuracy"].items()} == {"sft_ei": sorted(SPLITS),
                                                                              "rl_exgrpo": sorted(SPLITS)}
     assert (out / "probe" / "probe_coin_state_event.json").is_file() and (out / "report" / "report.md").is_file()

@@ -316,6 +316,107 @@ def test_dialogue_continues_a_kv_cache(gpt):
         gpt.generate(second, 64 - max(cache.n_real.tolist()) - 3, kv_cache=cache)
 
 
+@torch.no_grad()
+def sample_nocache(model, prompts, n, temperature, seed, eot, num_samples=1):
+    """generate's sampling without a cache (the reference): every step runs each live row's whole
+    history alone, unpadded, through the plain forward, and draws with the same uniforms (one per
+    row per step, prompt-major rows). Returns each row's new tokens, up to and with its eot."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [list(p) for p in prompts for _ in range(num_samples)]
+    new, done = [[] for _ in rows], [not row for row in rows]
+    for _ in range(n):
+        u = torch.rand(len(rows), 1, generator=gen)
+        for i, row in enumerate(rows):
+            if not done[i]:
+                row.append(int(M.sample_next(model(torch.tensor([row]))[0][:, -1], temperature, None, u[i:i + 1])))
+                new[i].append(row[-1])
+                done[i] = row[-1] == eot
+        if all(done):
+            break
+    return new
+
+
+def generated(tokens, mask):
+    return [row[keep].tolist() for row, keep in zip(tokens, mask)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_cached_equals_uncached(gpt, temperature):
+    """Sampling through the static KV cache (left-padded prompts, an empty one, two samples each,
+    rows that stop early while others go on) draws the tokens the uncached forward draws."""
+    prompts = prompts_of([4, 11, 0, 7, 1])
+    free = sample_nocache(gpt, prompts, 12, temperature, seed=5, eot=-1, num_samples=2)  # nobody stops
+    eot = free[0][3]  # row 0 stops at its 4th token at the latest
+    refs = sample_nocache(gpt, prompts, 12, temperature, seed=5, eot=eot, num_samples=2)
+    assert 0 < min(len(r) for r in refs if r) < 12 == max(len(r) for r in refs)
+    tokens, mask = gpt.generate(prompts, 12, num_samples=2, temperature=temperature, seed=5, eot=eot)
+    assert generated(tokens, mask) == refs
+
+
+def test_sampled_dialogue_equals_uncached(gpt):
+    """Two sampled turns through one cache (too small at first, so it grows between the turns) draw
+    what the uncached forward draws on the whole history: the dialogue sampler of the RL stage."""
+    first, second = prompts_of([3, 6, 2], seed=4), prompts_of([2, 4, 5], seed=5)
+    eot = sample_nocache(gpt, first, 8, 1.0, seed=1, eot=-1)[1][2]
+    refs1 = sample_nocache(gpt, first, 8, 1.0, seed=1, eot=eot)
+    cache = M.KVCache(gpt.config, 3, 4, "cpu", torch.float32)
+    assert generated(*gpt.generate(first, 8, temperature=1.0, seed=1, eot=eot, kv_cache=cache)) == refs1
+    refs2 = sample_nocache(gpt, [p + r + q for p, r, q in zip(first, refs1, second)], 6, 1.0, seed=2, eot=eot)
+    assert generated(*gpt.generate(second, 6, temperature=1.0, seed=2, eot=eot, kv_cache=cache)) == refs2
+
+
+def test_decode_steps_keep_their_shapes_and_storage(gpt, monkeypatch):
+    """Within one call every decode step sees the same shapes and writes the same cache storage in
+    place (what a captured CUDA graph replays); the slot pointer advances one per step."""
+    seen, real = [], M.GPT.decode
+
+    def spy(self, idx, real_tokens, cache):
+        seen.append((tuple(idx.shape), tuple(cache.k.shape), cache.k.data_ptr(), tuple(cache.valid.shape)))
+        slot = int(cache.filled)
+        h = real(self, idx, real_tokens, cache)
+        assert int(cache.filled) == slot + 1
+        return h
+    monkeypatch.setattr(M.GPT, "decode", spy)
+    eot = unused_token([], 100)
+    gpt.generate(prompts_of([3, 9]), 10, num_samples=2, temperature=1.0, seed=0, eot=eot)
+    assert len(seen) == 9 and len(set(seen)) == 1  # the 10th token never goes through the model
+
+
+def test_compiled_decode_traces_one_graph_and_matches_eager(gpt, monkeypatch, capsys):
+    """compile_decode: the step traces as one graph (fullgraph; dynamo with its eager backend here,
+    inductor takes a minute on CPU) and samples the eager tokens; without torch.compile the step
+    stays eager, with one note."""
+    prompts = prompts_of([4, 11, 7])
+    want = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=3)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, fullgraph=False: real(fn, backend="eager",
+                                                                                        fullgraph=fullgraph))
+    gpt.compile_decode()
+    try:
+        got = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=3)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError("no compiler")
+        monkeypatch.setattr(torch, "compile", unavailable)
+        gpt.compile_decode()
+        got = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=3)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert gpt.decode_step == gpt.decode and "decoding stays eager" in capsys.readouterr().out
+    finally:
+        del gpt.decode_step
+
+
+def test_sampling_logits_stay_fp32_under_bf16_autocast(gpt, monkeypatch):
+    """Under the bf16 autocast of the RL stage the head still runs in fp32 before each draw, as in
+    the scoring path: the sampling policy is the scored one."""
+    dtypes, real = [], M.sample_next
+    monkeypatch.setattr(M, "sample_next", lambda logits, *a: dtypes.append(logits.dtype) or real(logits, *a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gpt.generate(prompts_of([3, 5]), 4, temperature=1.0, seed=0)
+    assert dtypes == [torch.float32] * 4
+
+
 def test_overlong_prompt_is_an_error(gpt):
     prompt = list(range(60))
     gpt.generate([prompt], 4, temperature=0)  # 60 + 4 == block_size 64 fits
@@ -336,7 +437,7 @@ def test_sample_next_follows_the_distribution():
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5]).log_softmax(-1).repeat(40000, 1)
     gen = torch.Generator().manual_seed(0)
     for temperature, top_k in [(1.0, None), (0.5, None), (1.0, 2)]:
-        draws = M.sample_next(logits, temperature, top_k, gen)
+        draws = M.sample_next(logits, temperature, top_k, torch.rand(len(logits), 1, generator=gen))
         freq = torch.bincount(draws, minlength=5).float() / len(draws)
         p = (logits[0] / temperature).softmax(-1)
         if top_k:
@@ -344,16 +445,15 @@ def test_sample_next_follows_the_distribution():
             p = p / p.sum()
             assert (freq[p == 0] == 0).all()
         torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
-    assert torch.equal(M.sample_next(logits[:3], 0, None, gen), torch.tensor([2, 2, 2]))
+    assert torch.equal(M.sample_next(logits[:3], 0, None, None), torch.tensor([2, 2, 2]))
 
 
 @pytest.mark.parametrize("u", [0.0, 1.0 - 2.0 ** -24])  # the two ends of torch.rand's range
-def test_sample_next_never_draws_a_zero_probability_token(monkeypatch, u):
+def test_sample_next_never_draws_a_zero_probability_token(u):
     """top_k gives tokens 0, 3 and 4 probability exactly 0. A uniform draw of exactly 0 (torch.rand
     returns it with probability 2^-24, i.e. a few times per million RL tokens) must not pick one."""
-    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, u))
     logits = torch.tensor([[0.0, 3.0, 2.0, -1.0, 0.5]])
-    assert int(M.sample_next(logits, 1.0, 2, None)) in (1, 2)
+    assert int(M.sample_next(logits, 1.0, 2, torch.full((1, 1), u))) in (1, 2)
 
 # ---------------------------------------------------------------------------------------------
 # log-probs
