@@ -66,7 +66,8 @@ class Config:
     teacher_batch: int = 64                   # prompts per generate call of a checkpoint teacher
     teacher_max_new_tokens: int = 128         # tokens per answer (an LLM teacher: per request, max_tokens)
     teacher_model: str = ''                   # the model name the LLM teacher's server serves
-    teacher_tries: int = 4                    # an LLM teacher's rationales of a Q until one reaches A: greedy, then sampled
+    teacher_tries: int = 4                    # an LLM teacher's rationales of a Q until one reaches A (greedy,
+                                              # then sampled)
     teacher_temperature: float = 0.7          # ... at this temperature, each try its own seed (seed + try)
     teacher_workers: int = 4                  # an LLM teacher's requests in flight
     teacher_timeout: float = 120.0            # seconds a request may take before it is retried

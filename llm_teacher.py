@@ -30,7 +30,8 @@ from configurator import UserError, atomic_write
 # the system message of every answer: Q (its rationale, tries until it reaches A), each EI probe, and
 # the Eq. 1 dialogues, where earlier probes and their answers come as user and assistant turns
 ANSWER_SYSTEM = ('Answer the question. Reason in a few short steps written on one line, then end with '
-                 '"The answer is X." where X is only the final answer: a number or a few words.')
+                 '"The answer is X." where X is only the final answer: a number in digits without units or '
+                 'separators, or a few words.')
 
 # the paper's rule prompt is a preamble, then per rule a one-line instruction and an
 # "Original -> Augmented" example from a general domain; ours, one rule per request

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import UserError, cli, parse_config, pick_device, set_threads  # noqa: E402  (the root is on the path only now)
+# the repository root is on the path only now, hence noqa: E402
+from configurator import UserError, cli, parse_config, pick_device, set_threads  # noqa: E402
 from model import load_model  # noqa: E402
 from tasks import dialogue_ids  # noqa: E402
 from tokenizer import decode_generated  # noqa: E402

@@ -103,12 +103,14 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             ans = solve(probe) + (rule in script.get('wrong', ()))
             thing = re.search(r'How many (\w+)', q)[1]
             answer = f'{ans} {thing} in all' if rule in script.get('long', ()) else str(ans)
-            return '```json\n' + json.dumps({'probe': probe, 'rationale': f'The answer is {ans}.', 'answer': answer}) + '\n```'
+            reply = {'probe': probe, 'rationale': f'The answer is {ans}.', 'answer': answer}
+            return '```json\n' + json.dumps(reply) + '\n```'
         ans = solve(last)
         if ans is None:
             return 'I cannot tell.'
         before = [m['content'] for m in messages[:-1] if m['role'] == 'user']
-        if (last in script.get('always_wrong', ()) or (last in script.get('greedy_wrong', ()) and body['temperature'] == 0)
+        greedy_wrong = last in script.get('greedy_wrong', ()) and body['temperature'] == 0
+        if (last in script.get('always_wrong', ()) or greedy_wrong
                 or any(f'({rule})' in q for q in before for rule in script.get('distracting', ()))):
             ans += 1
         return f'Counting up and down gives {ans}. The answer is {ans}.'
@@ -183,6 +185,15 @@ def test_the_prompts_cover_every_rule_and_replies_parse():
         assert llm_teacher.parse_probe(bad, 'verify') is None, bad
     assert [llm_teacher.is_long(a) for a in ('42', '1,250.5', 'the red ball', '19 apples in all', '3, 5, 7, 9')] == \
         [False, False, False, True, True]
+
+
+def test_the_example_is_a_user_jsonl_of_questions_and_answers():
+    path = os.path.join(ROOT, 'examples', 'word_problems.jsonl')
+    records = tasks.load_records(path, rationale=False)
+    assert len(records) == 24 and all(r['rationale'] is None and r['answer'].isdigit() for r in records)
+    assert Counter(r['split'] for r in records) == {'train': 20, 'test_id': 4}
+    with pytest.raises(SystemExit, match=r"word_problems\.jsonl:1: missing field 'rationale'"):
+        tasks.load_records(path)  # without an LLM teacher every record brings its rationale
 
 
 def test_the_llm_teacher_writes_and_filters_the_ei_data(tmp_path, scripted, monkeypatch):
@@ -345,7 +356,8 @@ def test_serve_then_invert_sft_and_evaluate_end_to_end(tmp_path):
         sampled = [post(port, {'model': 'teacher', 'messages': chat[3:], 'max_tokens': 5, 'seed': 3})[1]
                    for _ in range(2)]
         assert sampled[0]['choices'] == sampled[1]['choices'] and sampled[0]['choices'][0]['finish_reason'] == 'length'
-        for body, code, says in ((b'{"model": ', 400, 'not JSON'), ({'model': 'gpt-4', 'messages': chat}, 404, "'gpt-4'"),
+        for body, code, says in ((b'{"model": ', 400, 'not JSON'),
+                                 ({'model': 'gpt-4', 'messages': chat}, 404, "'gpt-4'"),
                                  ({'model': 'teacher', 'messages': chat[:3]}, 400, 'end with a user message'),
                                  ({'model': 'teacher', 'messages': chat, 'max_tokens': 600}, 400, 'context of 512'),
                                  ({'model': 'teacher', 'messages': chat, 'temperature': 'hot'}, 400, "'temperature'")):
@@ -354,7 +366,8 @@ def test_serve_then_invert_sft_and_evaluate_end_to_end(tmp_path):
         # Stage 1 on 16 training questions and 4 test questions, question and answer only
         write_jsonl(tmp_path / 'mine.jsonl', PROBLEMS, test_from=16)
         run = str(tmp_path / 'run')
-        inv = subprocess.run([sys.executable, 'invert.py', f'--input_jsonl={tmp_path / "mine.jsonl"}', f'--out_dir={run}',
+        inv = subprocess.run([sys.executable, 'invert.py', f'--input_jsonl={tmp_path / "mine.jsonl"}',
+                              f'--out_dir={run}',
                               f'--teacher=http://127.0.0.1:{port}/v1', '--teacher_model=teacher',
                               f'--rules={",".join(rules)}', '--teacher_max_new_tokens=48'], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
