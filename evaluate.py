@@ -47,6 +47,8 @@ class Config:
     max_new_tokens: int = 96          # ood_long rationales reach ~90 GPT-2 tokens
     batch_size: int = 128
     reuse: bool = False               # keep results.json entries whose checkpoint file and settings are unchanged
+    from_results: str = ""            # comma-separated folders of saved results (results.json + logs/, one per
+                                      # seed, as a study commits them): the report from those, no checkpoint needed
     device: str = "auto"
     threads: int = 0                  # torch threads; 0 = torch's default
 
@@ -699,8 +701,36 @@ def read_results(path, settings):
     return saved.get("checkpoints", {}) if saved.get("settings") == settings else {}
 
 
+def saved_entries(folders):
+    """(entries, splits, max_new_tokens) from folders that each hold a results.json and the logs of
+    its run: every entry's run becomes its folder, so the RL sections read the logs there."""
+    entries, settings = [], []
+    for folder in folders:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} does not exist: --from_results takes folders of saved results")
+        saved = json.load(open(path, encoding="utf-8"))
+        settings.append(saved["settings"])
+        entries += [dict(e, run=folder) for e in saved["checkpoints"].values()]
+    if any(s["splits"] != settings[0]["splits"] for s in settings):
+        raise SystemExit("--from_results: the folders were scored on different splits; pass folders of one study")
+    return entries, settings[0]["splits"], settings[0]["max_new_tokens"]
+
+
 def main(argv):
     cfg = parse_config(Config(), argv, LIMITS)
+    if cfg.from_results:  # a study's committed seeds: the report without checkpoints or models
+        runs = [f for f in cfg.from_results.split(",") if f]
+        entries, splits, cfg.max_new_tokens = saved_entries(runs)
+        report_dir = os.path.join(cfg.out_dir, "report")
+        os.makedirs(report_dir, exist_ok=True)
+        analysis = power_analysis(entries, splits)
+        atomic_write(os.path.join(report_dir, "results.json"), json.dumps(
+            {"from_results": runs, "checkpoints": {f"{e['run']}/{e['name']}": e for e in entries}, "power": analysis},
+            indent=1))
+        write_report(cfg, runs, splits, entries, report_dir, analysis)
+        print(f"wrote {os.path.join(report_dir, 'report.md')} ({len(entries)} checkpoints from {len(runs)} folders)")
+        return
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     runs = [r for r in cfg.runs.split(",") if r] or [cfg.out_dir]

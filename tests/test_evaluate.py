@@ -4,6 +4,7 @@ split and method, the figures are written, --reuse skips unchanged checkpoints, 
 inputs stop with one sentence."""
 import json
 import os
+import shutil
 
 import matplotlib.image
 import numpy as np
@@ -433,3 +434,30 @@ def test_power_section_in_the_report(stub_runs, monkeypatch):
     saved = results["power"]["rl_exgrpo - sft_qa"]
     assert (saved["var_seed"], saved["var_problem"], saved["var_residual"]) == pytest.approx((250, 2000, 1000), abs=1e-9)
     assert "EI-SFT" not in report.split("## Power")[1].split("\n## ")[0]  # no sft_ei row: no comparison with it
+
+
+def test_from_results_draws_the_report_without_checkpoints(stub_runs):
+    """A study commits each seed's results.json and logs, not its checkpoints: --from_results on
+    those folders gives the same accuracy, difference, power and RL sections as scoring the
+    checkpoints, and loads no model."""
+    tmp_path, loaded = stub_runs
+    report, _ = run_main(tmp_path)
+    committed = []
+    for run in ("s1", "s2"):  # one evaluation per seed, its JSON and logs copied: what a study commits
+        evaluate.main([f"--out_dir={tmp_path / run}", "--batch_size=3", "--device=cpu"])
+        folder = tmp_path / "committed" / run
+        folder.mkdir(parents=True)
+        if (tmp_path / run / "logs").is_dir():  # s2 trained nothing with a log
+            shutil.copytree(tmp_path / run / "logs", folder / "logs")
+        shutil.copy(tmp_path / run / "report" / "results.json", folder / "results.json")
+        committed.append(str(folder))
+        shutil.rmtree(tmp_path / run / "ckpt")
+    n_loaded = len(loaded)
+    evaluate.main([f"--out_dir={tmp_path / 'again'}", f"--from_results={','.join(committed)}"])
+    again = open(tmp_path / "again" / "report" / "report.md").read()
+    assert len(loaded) == n_loaded  # no checkpoint was opened
+    section = lambda text, name: [p for p in text.split("\n## ") if p.startswith(name)][0]
+    for name in ("Accuracy per split", "Paired differences", "Power", "RL diagnostics"):
+        assert section(again, name) == section(report, name), name
+    with pytest.raises(SystemExit, match="results.json does not exist"):
+        evaluate.main([f"--out_dir={tmp_path / 'again'}", f"--from_results={tmp_path / 'nothing'}"])
