@@ -39,7 +39,7 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -231,6 +231,13 @@ def scenario_advantages(correct_full, correct_partial, cfg, scale):
         return rewards, groups, adv_a, adv_b, fired
     return rewards, rewards, group_advantages(rewards, scale), group_advantages(correct_partial, scale), fired
 
+def dsu_share(correct_full, correct_partial, adv_a, cfg, scale):
+    """How far the DSU bonus moved Scenario A's advantages adv_a: sum |U - U without the bonus| / sum |U|.
+    It is 0 for a fired question whose correct rollouts are all in Scenario A: paying them 1 + delta
+    is undone by the group's std. The bonus acts only where Scenario B has correct rollouts too."""
+    plain = scenario_advantages(correct_full, correct_partial, replace(cfg, dsu_bonus=False), scale)[2]
+    return float((adv_a - plain).abs().sum() / adv_a.abs().sum().clamp(min=1e-9))
+
 # --- Eq. 7: the clipped objective with the k3 KL ---------------------------------------------
 
 def masked_logprobs(model, rows, masks, device, temperature, entropy=False):
@@ -308,9 +315,11 @@ def rollout_batch(model, tok, records, cfg, rng, device):
     scale = "none" if cfg.algo == "reinforce" else cfg.scale_rewards
     if exgrpo:
         rewards, groups, adv_a, adv_b, fired = scenario_advantages(correct_full, correct_partial, cfg, scale)
+        bonus_share = dsu_share(correct_full, correct_partial, adv_a, cfg, scale) if cfg.dsu_bonus else None
     else:  # one turn: the G samples of a question are its group
         rewards = groups = correct_full
         adv_a, fired = group_advantages(rewards, scale), torch.zeros(Q, dtype=torch.bool, device=device)
+        bonus_share = None
     adv, n_rows = adv_a.reshape(-1), n_a  # Scenario B only estimates P_partial and the baseline...
     if cfg.partial_gradient and exgrpo:  # ...unless it is trained too
         adv, n_rows = torch.cat([adv, adv_b.reshape(-1)]), len(tokens)
@@ -318,7 +327,7 @@ def rollout_batch(model, tok, records, cfg, rng, device):
     aux, aux_masks = aux_rows(tok, records, full) if exgrpo and cfg.aux_coef > 0 else ([], [])
     return dict(rows=tokens[:n_rows], masks=[[int(w in trained) for w in ws] for ws in writer[:n_rows]],
                 adv=adv, aux=aux, aux_masks=aux_masks, rewards=rewards, groups=groups, correct_full=correct_full,
-                correct_partial=correct_partial, fired=fired,
+                correct_partial=correct_partial, fired=fired, adv_bonus_share=bonus_share,
                 lens=[sum(w != CONTEXT for w in ws) for ws in writer[:n_a]])  # tokens the student wrote
 
 # --- stage 2: SFT ----------------------------------------------------------------------------

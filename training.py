@@ -287,7 +287,8 @@ def rl_metrics(batch, stats, cfg, device):
             "clip_frac": clipped / n_tok, "entropy": ent / n_tok, "aux_loss": aux if batch["aux"] else None,
             "loss": stats["loss"], "grad_norm": stats["grad_norm"], "frac_zero_std": zero_std / n_q,
             "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens,
-            "tokens_trained": n_tok, "max_position": max(map(len, batch["rows"])) - 2}
+            "tokens_trained": n_tok, "max_position": max(map(len, batch["rows"])) - 2,
+            "adv_bonus_share": batch["adv_bonus_share"]}  # |U with the bonus - U without| / |U| (rank 0's)
 
 
 def summed_nll(model, x, y):

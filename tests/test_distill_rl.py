@@ -498,6 +498,18 @@ def update_gap(out_dir, init, adv_group, monkeypatch):
     return norm({k: ends[True][k] - ends[False][k] for k in start}) / norm({k: ends[False][k] - start[k] for k in start})
 
 
+def test_dsu_share_by_hand():
+    """G = 2. Full [1, 0] vs partial [0, 0] fires, but the joint group [1.5, 0, 0, 0] normalises to the
+    advantages of [1, 0, 0, 0]: share 0. Full [1, 1] vs partial [1, 0]: the group [1.5, 1.5, 1, 0] has
+    mean 1 and std sqrt(0.375), so A's advantages are 0.5 / 0.6124 = 0.8165 against 0.25 / 0.4330 =
+    0.5774 without the bonus: share 1 - 0.5774 / 0.8165 = 1 - 1/sqrt(2)."""
+    cfg = Config(algo="exgrpo", delta=0.5, nu=1.0)
+    for full, partial, share in (([[1.0, 0.0]], [[0.0, 0.0]], 0.0), ([[1.0, 1.0]], [[1.0, 0.0]], 1 - 2 ** -0.5)):
+        full, partial = torch.tensor(full), torch.tensor(partial)
+        adv_a = distill_rl.scenario_advantages(full, partial, cfg, "group")[2]
+        assert distill_rl.dsu_share(full, partial, adv_a, cfg, "group") == pytest.approx(share, abs=1e-3)
+
+
 def test_two_runs_differing_only_in_the_bonus_end_apart(data_dir, monkeypatch):
     sft(data_dir, "--max_iters=4", "--name=gap_base")
     init = f"--init={os.path.join(data_dir, 'ckpt', 'gap_base.pt')}"

