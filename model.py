@@ -61,12 +61,14 @@ class KVCache:
         shape = (config.n_layer, batch, config.n_head, max_len, hs)
         if torch.is_autocast_enabled(torch.device(device).type):  # keys and values in bf16: half the memory
             dtype = torch.get_autocast_dtype(torch.device(device).type)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # zeros: a never-written slot is masked,
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # and 0 * garbage could be NaN
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
         self.filled = torch.zeros(1, dtype=torch.long, device=device)
         self.slots = None  # the slots the running forward writes, (T,)
+        self.window = None  # the leading slots it attends over: None = all max_len (a captured step's fixed shape)
+        self.static = False  # True while a compiled step decodes: every step then attends over every slot
 
     @property
     def length(self):
@@ -76,7 +78,7 @@ class KVCache:
         """Room for n more slots, by doubling: a dialogue's later turns outgrow the first guess."""
         grow = max(self.length + n, 2 * self.k.size(3)) - self.k.size(3) if self.length + n > self.k.size(3) else 0
         if grow:
-            pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:3], grow, t.size(4))], dim=3)
+            pad = lambda t: torch.cat([t, t.new_empty(*t.shape[:3], grow, t.size(4))], dim=3)
             self.k, self.v = pad(self.k), pad(self.v)
             self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1)
 
@@ -90,7 +92,8 @@ class KVCache:
         self.valid[:, start:start + T] = real
         self.n_real += real.sum(1)
         self.filled += T
-        return self.valid, self.slots
+        self.window = start + T
+        return self.valid[:, :start + T], self.slots
 
     def repeat_interleave(self, n):
         """Prefill once, then give each of the n samples of a prompt its own copy."""
@@ -120,10 +123,14 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # write this step's slots in place, attend over every slot (mask)
-            cache.k[layer].index_copy_(2, cache.slots, k.to(cache.k.dtype))
-            cache.v[layer].index_copy_(2, cache.slots, v.to(cache.v.dtype))
-            k, v = cache.k[layer], cache.v[layer]  # (B, nh, max_len, hs)
+        if cache is not None:  # write this step's slots in place, attend over the first `window` (mask)
+            if cache.window is None:  # a captured step: its slot is a tensor, it attends over every slot
+                cache.k[layer].index_copy_(2, cache.slots, k.to(cache.k.dtype))
+                cache.v[layer].index_copy_(2, cache.slots, v.to(cache.v.dtype))
+            else:  # a slice copy is cheaper on CPU
+                cache.k[layer, :, :, cache.window - T:cache.window] = k
+                cache.v[layer, :, :, cache.window - T:cache.window] = v
+            k, v = cache.k[layer, :, :, :cache.window], cache.v[layer, :, :, :cache.window]  # (B, nh, window, hs)
         drop = self.dropout if self.training else 0.0
         # mask None: plain causal self-attention (training); else an explicit (B, 1, Tq, Tk) mask,
         # because SDPA's is_causal aligns the triangle top-left when Tq != Tk (a cached step is wrong)
@@ -234,11 +241,14 @@ class GPT(nn.Module):
         shape at every step (the query attends over all max_len slots through the mask, and the slot
         is a tensor), so the step can be captured once: see compile_decode."""
         cache.slots = slot = cache.filled  # (1,)
+        # eager attends over the filled slots only (a dialogue's cache is up to twice that); a captured
+        # step over all of them, its shapes fixed
+        cache.window = None if cache.static else cache.length + 1
         positions = (cache.n_real + real - 1).clamp(min=0)  # a real token's position: the real tokens before it
         cache.valid.index_fill_(1, slot, True)  # the query sees itself: a pad query must see some key
         x = (self.transformer.wte(idx) + self.transformer.wpe(positions))[:, None]  # (N, 1, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache.valid[:, None, None], cache, layer)  # mask (N, 1, 1, max_len)
+            x = block(x, cache.valid[:, None, None, :cache.window], cache, layer)  # mask (N, 1, 1, window)
         cache.valid.index_copy_(1, slot, real[:, None])  # a filler stays invisible to later queries
         cache.n_real += real
         cache.filled += 1
@@ -296,7 +306,10 @@ class GPT(nn.Module):
         h = hidden[:, -1].repeat_interleave(num_samples, dim=0)  # (N, C)
         if num_samples > 1:
             cache.repeat_interleave(num_samples)
-        if getattr(self, "decode_step", self.decode) != self.decode:  # a captured step replays fixed addresses
+        cache.static = getattr(self, "decode_step", self.decode) != self.decode
+        if cache.static:  # a captured step reads every slot (masked: 0 x garbage could be NaN) at fixed addresses
+            cache.k[:, :, :, cache.length:] = 0
+            cache.v[:, :, :, cache.length:] = 0
             for t in (cache.k, cache.v, cache.valid, cache.n_real, cache.filled):
                 torch._dynamo.mark_static_address(t)
         stops = [torch.tensor(s, device=device) for s in (stop_ids or [])]

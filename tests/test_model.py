@@ -366,20 +366,30 @@ def test_sampled_dialogue_equals_uncached(gpt):
 
 
 def test_decode_steps_keep_their_shapes_and_storage(gpt, monkeypatch):
-    """Within one call every decode step sees the same shapes and writes the same cache storage in
-    place (what a captured CUDA graph replays); the slot pointer advances one per step."""
+    """Within one call every decode step writes the same cache storage in place and advances the slot
+    by one. Eager steps attend over the filled slots only; a compiled step (static: what a captured
+    CUDA graph replays) over all of them, with the same shapes at every step and the same tokens."""
     seen, real = [], M.GPT.decode
 
     def spy(self, idx, real_tokens, cache):
-        seen.append((tuple(idx.shape), tuple(cache.k.shape), cache.k.data_ptr(), tuple(cache.valid.shape)))
         slot = int(cache.filled)
         h = real(self, idx, real_tokens, cache)
+        seen.append((tuple(idx.shape), tuple(cache.k.shape), cache.k.data_ptr(), cache.window))
         assert int(cache.filled) == slot + 1
         return h
     monkeypatch.setattr(M.GPT, "decode", spy)
-    eot = unused_token([], 100)
-    gpt.generate(prompts_of([3, 9]), 10, num_samples=2, temperature=1.0, seed=0, eot=eot)
-    assert len(seen) == 9 and len(set(seen)) == 1  # the 10th token never goes through the model
+    prompts, eot = prompts_of([3, 9]), unused_token([], 100)
+    eager = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=0, eot=eot)
+    assert len(seen) == 9 and [w for *_, w in seen] == list(range(10, 19))  # 9 prompt slots, then one per step
+    assert len({s[:3] for s in seen}) == 1  # the 10th token never goes through the model
+    seen.clear()
+    gpt.decode_step = lambda *args: M.GPT.decode(gpt, *args)  # stands in for the compiled step
+    try:
+        static = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=0, eot=eot)
+    finally:
+        del gpt.decode_step
+    assert len(seen) == 9 and len(set(seen)) == 1 and seen[0][3] is None  # every slot, fixed shapes
+    assert torch.equal(static[0], eager[0]) and torch.equal(static[1], eager[1])
 
 
 def test_compiled_decode_traces_one_graph_and_matches_eager(gpt, monkeypatch, capsys):
