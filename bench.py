@@ -56,6 +56,7 @@ class BenchConfig:
     rl_questions: int = 16     # questions per GRPO step
     rl_group: int = 8          # rollouts per question
     rl_new_tokens: int = 64    # tokens per rollout (TRL is held to exactly this many; ours rarely stops early)
+    profile: bool = False      # instead: where a decode step spends its time, per op group, at each shape
     trl_run: str = ""          # internal: the run folder of TRL's steps (bench.py starts itself with it)
     seed: int = 0
 
@@ -170,6 +171,36 @@ def bench_shape(name, cfg, device, with_hf):
     return config, rows
 
 
+# groups of torch.profiler's aten ops in a decode step: what each one is for
+OP_GROUPS = {"head (lm_head matmul)": ("aten::mm",), "block matmuls": ("aten::addmm",),
+             "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_efficient_attention_forward",
+                           "aten::_flash_attention_forward"),
+             "sampling": ("aten::_softmax", "aten::cumsum", "aten::searchsorted", "aten::uniform_", "aten::nonzero"),
+             "layer norm, GELU, residual adds": ("aten::native_layer_norm", "aten::gelu", "aten::add"),
+             "cache writes, copies": ("aten::copy_", "aten::index_copy_", "aten::index_put_", "aten::index",
+                                      "aten::index_fill_", "aten::fill_")}
+
+
+def profile_decode(name, cfg, device):
+    """{group: ms per decode step} of one generate call (n rows x new_tokens, after a warm-up call),
+    from torch.profiler's self time per aten op; 'other' is every op not in OP_GROUPS (views, masks,
+    embeddings, Python-side dispatch shows up as the gap to the wall time, reported too)."""
+    from torch.profiler import ProfilerActivity, profile
+    vocab = 50257 if name.startswith("gpt2") or name == "S" else cfg.compact_vocab
+    model = GPT(GPTConfig(**PRESETS["tiny" if name == "S" else name], vocab_size=vocab)).to(device).eval()
+    n = int(cfg.gen_batch.split(",")[0])
+    prompts = torch.randint(0, vocab - 1, (n, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    model.generate(prompts, cfg.new_tokens, temperature=1.0, seed=cfg.seed)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.generate(prompts, cfg.new_tokens, temperature=1.0, seed=cfg.seed)
+    wall = (time.perf_counter() - t0) * 1e3 / cfg.new_tokens
+    self_ms = {e.key: e.self_cpu_time_total / 1e3 / cfg.new_tokens for e in prof.key_averages()}
+    groups = {g: sum(self_ms.get(op, 0.0) for op in ops) for g, ops in OP_GROUPS.items()}
+    groups["other ops"] = sum(self_ms.values()) - sum(groups.values())
+    return n, wall, groups
+
+
 # ---------------------------------------------------------------------------------------------
 # one GRPO step at shape S: ours (distill_rl.py) and TRL's GRPOTrainer, each in its own process
 
@@ -266,6 +297,14 @@ def main(argv):
         return trl_steps(cfg, cfg.trl_run)
     has_transformers = importlib.util.find_spec("transformers") is not None
     busy = cpu_busy()
+    if cfg.profile:
+        print(f"a decode step, ms per step (torch.profiler self time; {cfg.prompt_len}-token prompts + {cfg.new_tokens} "
+              f"new, {torch.get_num_threads()} threads, cpu busy before {'?' if busy is None else f'{100 * busy:.0f}%'})")
+        for name in [name for name in cfg.shapes.split(",") if name]:
+            n, wall, groups = profile_decode(name, cfg, device)
+            print(f"{name}, {n} rows: {wall:.2f} ms a step (wall, profiled); "
+                  + "; ".join(f"{g} {ms:.2f} ({100 * ms / wall:.0f}%)" for g, ms in groups.items()))
+        return
     print(f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} (1 min), "
           f"cpu busy before the run {'?' if busy is None else f'{100 * busy:.0f}%'}")

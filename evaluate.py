@@ -364,8 +364,9 @@ def share(e):
 
 
 def partial(e):
-    """Trained on a share of the training questions (the data-efficiency runs)."""
-    return share(e) < 1
+    """A data-efficiency run: named with its share (<row>_f<percent>). A study whose every row trains
+    on one share names them plainly, and they are its main rows."""
+    return split_name(e["name"])[1] is not None
 
 
 def paired_diffs(a, b, splits):

@@ -305,7 +305,8 @@ def test_data_efficiency_by_hand(tmp_path):
             ("r2", sft("qa"), 1.0, "1111"), ("r3", sft("qa"), 1.0, "0000"), ("r1", sft("ei"), 0.25, "1100"),
             ("r2", sft("ei"), 0.25, "1110"), ("r1", sft("ei"), 1.0, "1111"), ("r2", sft("ei"), 1.0, "1111"),
             ("r1", exgrpo, 0.25, "1110"), ("r1", grpo, 1.0, "1111")]
-    entries = [dict(name="x", run=run, config=dict(c, data_fraction=f),
+    base = lambda c: "rl_" + c["algo"] if c["stage"] == "rl" else "sft_" + c["data"]
+    entries = [dict(name=base(c) + ("_f25" if f < 1 else ""), run=run, config=dict(c, data_fraction=f),
                     acc={"test_id": {"coin": [right.count("1"), 4]}}, correct={"test_id": right})
                for run, c, f, right in runs]
     report = "\n" + "\n".join(evaluate.efficiency_section(entries, str(tmp_path)))
@@ -323,6 +324,9 @@ def test_data_efficiency_by_hand(tmp_path):
     assert mean("EXGRPO − EI-SFT") == ["+25.0", "–"]
     assert (tmp_path / "data_efficiency.png").exists()
     assert evaluate.efficiency_section([e for e in entries if e["config"]["data_fraction"] == 1], str(tmp_path)) == []
+    # a study whose every row trains on one share names its rows plainly: they are its main rows
+    plain = [dict(e, name=evaluate.split_name(e["name"])[0]) for e in entries]
+    assert evaluate.efficiency_section(plain, str(tmp_path)) == []
 
 
 def test_linear_probe_means_and_spread_over_run_folders_by_hand(tmp_path):
