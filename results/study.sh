@@ -19,34 +19,13 @@ for seed in 1 2 3 4 5; do
     mkdir -p $out/seed$seed/ckpt && rm -f $out/seed$seed/ckpt/*.done $out/seed$seed/ckpt/*.failed
 done
 
-job() {  # seed name needs flags...: one training. needs is "-" or the checkpoint it starts from, which
-         # it waits for; <name>.done or <name>.failed beside the checkpoint says how the job ended.
-    local seed=$1 name=$2 needs=$3 ckpt=$out/seed$1/ckpt
-    shift 3
-    until [ "$needs" = - ] || [ -f $ckpt/$needs.done ]; do
-        [ -f $ckpt/$needs.failed ] && { touch $ckpt/$name.failed; exit 1; }
-        sleep 5
-    done
-    echo "$(date +%T) seed $seed $name"
-    if python distill_rl.py $configs --out_dir=$out/seed$seed --seed=$seed --resume=True --name=$name "$@" \
-            >> $out/seed$seed/train.log 2>&1; then
-        touch $ckpt/$name.done
-    else
-        touch $ckpt/$name.failed
-        echo "study.sh: seed $seed $name failed, see $out/seed$seed/train.log" >&2
-        exit 1
-    fi
-}
-export -f job
+source results/queue.sh  # job and queue: the trainings, two at a time
 rows() {  # the four RL rows that start from a seed's EI-SFT student (the same flags as run.sh)
     local s=$1 init=--init=$out/seed$1/ckpt/sft_ei.pt
     echo "$s rl_exgrpo_plain sft_ei --stage=rl $init --algo=exgrpo --aux_coef=0 --dsu_bonus=False"
     echo "$s rl_exgrpo_nobonus sft_ei --stage=rl $init --algo=exgrpo --dsu_bonus=False"
     echo "$s rl_exgrpo sft_ei --stage=rl $init --algo=exgrpo"
     echo "$s rl_grpo sft_ei --stage=rl $init --algo=grpo"
-}
-queue() {  # jobs on stdin, two at a time
-    xargs -P 2 -L 1 bash -c 'job "$@"' _ > $out/queue.log 2>&1 || { echo "study.sh: a training failed, see $out/queue.log" >&2; exit 1; }
 }
 report() {  # every test problem; the EI probes of the first 60 test_id problems (the protocol's metric
             # is test accuracy; all 2280 probes of every checkpoint would double the evaluation)
