@@ -682,6 +682,9 @@ def write_report(cfg, runs, splits, entries, report_dir, analysis):
               + ", ".join(f"{s} {'/'.join(map(str, totals[s]))}" for s in splits)
               + ". Cells: accuracy in % (mean ± sample std over the n run folders when n > 1); a split pools "
               "its worlds; mean = the mean over the splits.")
+    if len(seeds) <= 1:  # one training run per row: no spread over seeds, no interval that speaks for the method
+        header += (" **One seed: a demonstration of the pipeline, not a result.** A study over seeds (the README's "
+                   "reproduction studies) is what can tell the rows apart.")
     out = (["# Evaluation report", "", header, ""] + accuracy_sections(methods, order, splits, report_dir)
            + difference_section(methods, order, splits, report_dir) + power_section(analysis)
            + rl_section(methods, order)

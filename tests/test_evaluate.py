@@ -152,6 +152,9 @@ def test_accuracy_equals_hand_count_and_seeds_aggregate(stub_runs):
 def test_report_lists_every_split_and_method_in_order_and_writes_plots(stub_runs):
     tmp_path, _ = stub_runs
     report, _ = run_main(tmp_path)
+    assert "One seed" not in report  # two seeds here; one seed is flagged as a demonstration
+    evaluate.main([f"--out_dir={tmp_path / 's1'}", "--batch_size=3", "--device=cpu"])
+    assert "One seed: a demonstration" in open(tmp_path / "s1" / "report" / "report.md").read()
     assert cells(report, "Accuracy per split", ["method"]) == SPLITS + ["mean", "n"]
     assert cells(report, "Accuracy per world", ["method", "world"]) == SPLITS
     # each row of the paper's order followed by its data-efficiency rows
