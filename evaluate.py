@@ -339,7 +339,8 @@ def rl_section(methods, order):
         rows.append([label(m), str(len(logs)), str(max(map(len, logs))), f"{first:.3f} → {last:.3f}",
                      f"{up:+.3f} [{lo:+.3f}, {hi:+.3f}]" + ("" if lo <= 0 <= hi else " *"),
                      _num(mean("kl", slice(-5, None)), ".4f"), _num(mean("frac_zero_std"), ".2f"),
-                     _num(mean("dsu_fire_rate"), ".2f"), _num(mean("tokens_trained"), ".0f"),
+                     _num(mean("dsu_fire_rate"), ".2f"), _num(mean("adv_bonus_share"), ".3f"),
+                     _num(mean("tokens_trained"), ".0f"),
                      _num(max((r["max_position"] for log in logs for r in log if "max_position" in r), default=None),
                           "d")])
     if not rows:
@@ -348,10 +349,11 @@ def rl_section(methods, order):
             "From the training logs, mean over the run folders. Outcome reward: Scenario A accuracy of the "
             "rollouts, mean of the first vs the last 20% of steps, and their difference with a 95% interval "
             "(resampling run folders and steps; * = excludes 0). Final KL: mean of the last 5 steps. "
-            "Zero-std groups, DSU fire rate (– where the bonus is off) and tokens trained: mean per step; "
-            "last position: the longest trained row.", "",
+            "Zero-std groups, DSU fire rate (– where the bonus is off), the bonus's share of the advantages "
+            "(sum |U − U without the bonus| / sum |U| over Scenario A; logged since 2026-12-03) and tokens "
+            "trained: mean per step; last position: the longest trained row.", "",
             md_table(["method", "n", "steps", "outcome reward", "rise", "final KL", "zero-std groups",
-                      "DSU fire rate", "tokens trained / step", "last position"], rows), ""]
+                      "DSU fire rate", "bonus share of U", "tokens trained / step", "last position"], rows), ""]
 
 
 def _num(value, spec):
@@ -445,7 +447,7 @@ def variance_components(d):
     (E[MS_S] = sigma_e^2 + P sigma_s^2, E[MS_P] = sigma_e^2 + S sigma_p^2), in the units of d squared.
     With one seed (or one problem) a component cannot be told from the residual: the variances are None."""
     S, P = d.shape
-    out = dict(mean=float(d.mean()), seeds=S, problems=P)
+    out = dict(mean=float(d.mean()), seeds=S, problems=P, differ=int((d != 0).sum()))  # pairs answered apart
     if S < 2 or P < 2:
         return dict(out, var_seed=None, var_problem=None, var_residual=None)
     grand, by_seed, by_problem = d.mean(), d.mean(axis=1), d.mean(axis=0)
@@ -499,11 +501,13 @@ def power_section(analysis):
     for key, c in analysis.items():
         if c["var_seed"] is None:
             why = "one seed: the seed component" if c["seeds"] < 2 else "one problem: the problem component"
-            rows.append([name(key), f"{c['mean']:+.1f}", "–", "–", "–", str(c["seeds"]), str(c["problems"]),
+            rows.append([name(key), f"{c['mean']:+.1f}", f"{c['differ']} / {c['seeds'] * c['problems']}", "–", "–", "–",
+                         str(c["seeds"]), str(c["problems"]),
                          f"– ({why} cannot be estimated)", "–"])
             continue
         columns = list(next(iter(c["grid"].values())))  # the problem counts of the grid, the same for every row
-        rows.append([name(key), f"{c['mean']:+.1f}", sd(c["var_seed"]), sd(c["var_problem"]), sd(c["var_residual"]),
+        rows.append([name(key), f"{c['mean']:+.1f}", f"{c['differ']} / {c['seeds'] * c['problems']}",
+                     sd(c["var_seed"]), sd(c["var_problem"]), sd(c["var_residual"]),
                      str(c["seeds"]), str(c["problems"]), f"{c['mde']:.1f}",
                      str(c["seeds_for_target"] or "none up to 100")])
         grid += [[name(key), str(s)] + [f"{v:.1f}" for v in by_p.values()] for s, by_p in c["grid"].items()]
@@ -511,11 +515,13 @@ def power_section(analysis):
     return ["## Power: what this study can resolve", "",
             "Paired differences d[s, p] in points (same seed, same problem, every split pooled) modelled as "
             "mu + a_s + b_p + e_sp; σ_s, σ_p, σ_e: the spread between seeds, between problems and left over "
-            "(ANOVA estimates). MDE: the smallest true difference found with 80% power at two-sided 5%, "
+            "(ANOVA estimates); pairs answered apart: (seed, problem) pairs where one row is right and the other "
+            "wrong. MDE: the smallest true difference found with 80% power at two-sided 5%, "
             f"{Z_POWER:.2f} · sqrt(σ_s²/S + σ_p²/P + σ_e²/(S·P)) for S seeds and P problems; more problems do "
             "not lower the seed term. σ_s rests on S − 1 degrees of freedom: with few seeds the seeds needed "
             "are a rough guide, to be estimated again as seeds are added.", "",
-            md_table(["difference", "mean", "σ_s", "σ_p", "σ_e", "S", "P", "MDE now", target], rows), ""] + (
+            md_table(["difference", "mean", "pairs answered apart", "σ_s", "σ_p", "σ_e", "S", "P", "MDE now", target],
+                     rows), ""] + (
         ["MDE (points) with S seeds and P problems:", "",
          md_table(["difference", "S"] + [f"P = {p}" for p in columns], grid), ""] if grid else [])
 

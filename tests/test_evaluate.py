@@ -83,7 +83,8 @@ def stub_runs(tmp_path, monkeypatch):
     write_jsonl(str(tmp_path / "s1" / "logs" / "sft_qa.jsonl"),
                 [{"step": s, "loss": 2.0 / s, "val_loss": 2.5 / s, "val_acc": 0.1 * s} for s in range(1, 6)])
     write_jsonl(str(tmp_path / "s1" / "logs" / "rl_exgrpo.jsonl"),
-                [{"step": s, "reward": 0.5, "acc_full": 0.4, "kl": 0.01 * s, "dsu_fire_rate": 0.3}
+                [{"step": s, "reward": 0.5, "acc_full": 0.4, "kl": 0.01 * s, "dsu_fire_rate": 0.3,
+                  "adv_bonus_share": 0.05}
                  for s in range(1, 6)])
     items = {r["question"]: (r["id"], r["world"]) for recs in data.values() for r in recs}
     items.update({p["question"]: (f"{p['rule']} of {r['id']}", r["world"])
@@ -277,7 +278,7 @@ def test_rl_diagnostics_come_from_the_logs(stub_runs):
     report, _ = run_main(tmp_path)
     # stub log: 5 steps of acc_full 0.4, kl 0.01 * step, fire rate 0.3; 20% of 5 steps = 1 step per window
     assert cells(report, "RL diagnostics", ["EXGRPO (rl_exgrpo)"]) == [
-        "1", "5", "0.400 → 0.400", "+0.000 [+0.000, +0.000]", "0.0300", "–", "0.30", "–", "–"]
+        "1", "5", "0.400 → 0.400", "+0.000 [+0.000, +0.000]", "0.0300", "–", "0.30", "0.050", "–", "–"]
     assert "vanilla SFT" not in report.split("## RL diagnostics")[1].split("\n## ")[0]  # SFT logs hold no rollouts
 
 
@@ -418,7 +419,7 @@ def test_power_section_in_the_report(stub_runs, monkeypatch):
     report, results = run_main(tmp_path)
     # only EXGRPO - vanilla SFT has both rows, on one seed (s1): the seed component cannot be estimated
     assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)"]) == [
-        "-25.0", "–", "–", "–", "1", "16", "– (one seed: the seed component cannot be estimated)", "–"]
+        "-25.0", "6 / 16", "–", "–", "–", "1", "16", "– (one seed: the seed component cannot be estimated)", "–"]
     assert list(results["power"]) == ["rl_exgrpo - sft_qa"] and results["power"]["rl_exgrpo - sft_qa"]["var_seed"] is None
     # a second seed of EXGRPO that answers nothing right. d over the 16 problems (test_id, ood_long,
     # ood_reverse, ood_names): s1 0001 -1000 0000 -1-1-1-1 (mean -1/4), s2 -1000 -10-10 -1000 -1-1-1-1
@@ -435,7 +436,7 @@ def test_power_section_in_the_report(stub_runs, monkeypatch):
     report, results = run_main(tmp_path)
     assert cells(report, "Power", ["difference", "mean"])[-1] == "seeds for MDE ≤ 2 at P = 16000"
     assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)", "-37.5"]) == [
-        "15.8", "44.7", "31.6", "2", "16", "47.0", "none up to 100"]
+        "14 / 32", "15.8", "44.7", "31.6", "2", "16", "47.0", "none up to 100"]  # 6 + 8 nonzero d
     assert cells(report, "Power", ["difference", "S"]) == ["P = 16", "P = 4000", "P = 16000"]
     assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)", "5"])[0] == "38.4"
     saved = results["power"]["rl_exgrpo - sft_qa"]
