@@ -70,28 +70,30 @@ def count_rollout_tokens(counter):
     distill_rl.sample_rollouts = counted
 
 
-def decode_timing(path, device, rows=64, new_tokens=64, reps=3):
+def decode_timing(path, device):
     """Seconds per decode step (one token for every row), eager and, on a GPU, with compile_decode (CUDA
     graphs), medians of reps sampled calls after one warm-up (the compiled one's warm-up compiles),
     and whether the two sample the same tokens from the same seed (on CPU the dry run skips compiling:
-    inductor takes a minute there)."""
+    inductor takes a minute there, and times a smaller call)."""
     from model import load_model
+    cuda = device.startswith("cuda")
+    rows, new_tokens, reps = (64, 64, 3) if cuda else (4, 8, 1)
     model, tok, _ = load_model(path, device)
     prompts = [tok.encode("Q: Is the coin heads up?")] * rows
     def timed():
         times = []
         for i in range(reps + 1):
-            if device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
             t0 = time.time()
             tokens, _ = model.generate(prompts, new_tokens, temperature=1.0, seed=0, eot=-1)  # no row stops
-            if device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
             times.append((time.time() - t0) / new_tokens)
         return round(statistics.median(times[1:]), 6), tokens
     eager, tokens = timed()
     result = dict(rows=rows, new_tokens=new_tokens, eager_s_per_step=eager, compiled_s_per_step=None)
-    if device.startswith("cuda"):
+    if cuda:
         model.compile_decode()
         compiled, tokens_compiled = timed()
         result.update(compiled_s_per_step=compiled, compiled_tokens_per_s=round(rows / compiled, 1),
