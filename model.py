@@ -52,9 +52,9 @@ PRESETS = {
 
 class KVCache:
     """Keys/values of every layer for a batch, preallocated to max_len slots and written in place, so
-    a decode step has the same shapes at every step (what CUDA graphs need). `valid` marks the real
-    (non-pad) slots, `n_real` counts each row's real tokens (its next position id), `filled` the
-    slots written so far (a tensor, so a captured step can advance it)."""
+    that a compiled decode step can have the same shapes at every step (what CUDA graphs need).
+    `valid` marks the real (non-pad) slots, `n_real` counts each row's real tokens (its next position
+    id), `filled` the slots written so far (a tensor, so a captured step can advance it)."""
 
     def __init__(self, config, batch, max_len, device, dtype):
         hs = config.n_embd // config.n_head
@@ -237,9 +237,9 @@ class GPT(nn.Module):
 
     def decode(self, idx, real, cache):
         """One token per row into the cache's next slot: idx (N,) ids, real (N,) bool (False: the filler
-        of a finished row) -> the final hidden states (N, C), after ln_f. Every tensor has the same
-        shape at every step (the query attends over all max_len slots through the mask, and the slot
-        is a tensor), so the step can be captured once: see compile_decode."""
+        of a finished row) -> the final hidden states (N, C), after ln_f. Compiled (cache.static), every
+        tensor has the same shape at every step (the query attends over all max_len slots through the
+        mask, and the slot is a tensor), so the step is captured once: see compile_decode."""
         cache.slots = slot = cache.filled  # (1,)
         # eager attends over the filled slots only (a dialogue's cache is up to twice that); a captured
         # step over all of them, its shapes fixed
