@@ -7,7 +7,8 @@
 # skipped, so the study runs in chunks across sittings and machines; the report is drawn from
 # every committed seed:
 #
-#   bash results/rl_study.sh                 # seeds 1-20 in order, skipping the committed ones
+#   bash results/rl_study.sh                 # seeds 1-20 in order, skipping the committed ones, until
+#                                            # both MDEs are at most 2 points (from 5 seeds on)
 #   SEEDS="4 5" bash results/rl_study.sh     # only these
 #
 # A seed takes about 30 minutes on 2 cores (two trainings at a time, one core each).
@@ -32,5 +33,18 @@ for seed in ${SEEDS:-$(seq 1 20)}; do
     cp $out/seed$seed/report/results.json $done_dir/results.json
     git add $done_dir && git commit -q -m "results/rl_study: seed $seed (bash results/rl_study.sh)" -- $done_dir
     echo "$(date +%T) seed $seed committed"
+    # the protocol's stopping rule, from the fifth committed seed on: both MDEs at most 2 points (it
+    # reads the variances only, never the differences)
+    python evaluate.py --from_results="$(ls -d results/rl_study/seed* | paste -sd,)" --out_dir=results/rl_study \
+        > /dev/null
+    if python - <<'PY'
+import json, sys
+power = json.load(open("results/rl_study/report/results.json"))["power"]
+rows = [power.get(k, {}) for k in ("rl_exgrpo - sft_ei", "rl_exgrpo - rl_exgrpo_nobonus")]
+done = all(r.get("seeds", 0) >= 5 and r.get("mde") is not None and r["mde"] <= 2.0 for r in rows)
+print("MDE " + ", ".join(f"{r.get('mde', float('nan')):.2f}" for r in rows) + (": the study is complete" if done else ""))
+sys.exit(0 if done else 1)
+PY
+    then break; fi
 done
 python evaluate.py --from_results="$(ls -d results/rl_study/seed* | paste -sd,)" --out_dir=results/rl_study
