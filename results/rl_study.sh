@@ -11,7 +11,7 @@
 #                                            # both MDEs are at most 2 points (from 5 seeds on)
 #   SEEDS="4 5" bash results/rl_study.sh     # only these
 #
-# A seed takes about 30 minutes on 2 cores (two trainings at a time, one core each).
+# A seed takes about 50 minutes on 2 cores (two trainings at a time, one core each; measured on seeds 1-2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export out=out/rl_study configs="config/cpu_tiny.py config/study.py config/rl_study.py"
