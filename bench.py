@@ -130,10 +130,17 @@ def hf_model(config):
     return transformers.GPT2LMHeadModel(hf_config)
 
 
+def shape_config(name, cfg):
+    """A preset of model.PRESETS, or S (the tiny preset with GPT-2's 50257 outputs); gpt2* and S get
+    GPT-2's vocabulary, the other presets the compact one."""
+    vocab = 50257 if name.startswith("gpt2") or name == "S" else cfg.compact_vocab
+    return GPTConfig(**PRESETS["tiny" if name == "S" else name], vocab_size=vocab)
+
+
 def bench_shape(name, cfg, device, with_hf):
     """[what, ours tok/s, (HF tok/s)] rows for one preset; with_hf adds transformers' numbers."""
-    vocab = 50257 if name.startswith("gpt2") or name == "S" else cfg.compact_vocab
-    config = GPTConfig(**PRESETS["tiny" if name == "S" else name], vocab_size=vocab)
+    config = shape_config(name, cfg)
+    vocab = config.vocab_size
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x = torch.randint(0, vocab, (cfg.batch, cfg.seq_len + 1), device=device, generator=g)
     batches = [int(n) for n in cfg.gen_batch.split(",")]
@@ -187,8 +194,8 @@ def profile_decode(name, cfg, device):
     iters calls); 'other ops' is every op not in OP_GROUPS (views, masks, embeddings); the gap to the
     wall time is Python and dispatch."""
     from torch.profiler import ProfilerActivity, profile
-    vocab = 50257 if name.startswith("gpt2") or name == "S" else cfg.compact_vocab
-    model = GPT(GPTConfig(**PRESETS["tiny" if name == "S" else name], vocab_size=vocab)).to(device).eval()
+    model = GPT(shape_config(name, cfg)).to(device).eval()
+    vocab = model.config.vocab_size
     n = int(cfg.gen_batch.split(",")[0])
     prompts = torch.randint(0, vocab - 1, (n, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     walls = []

@@ -76,15 +76,16 @@ class KVCache:
 
     def reserve(self, n):
         """Room for n more slots, by doubling: a dialogue's later turns outgrow the first guess."""
-        grow = max(self.length + n, 2 * self.k.size(3)) - self.k.size(3) if self.length + n > self.k.size(3) else 0
-        if grow:
+        need, have = self.length + n, self.k.size(3)
+        if need > have:
+            grow = max(need, 2 * have) - have
             pad = lambda t: torch.cat([t, t.new_empty(*t.shape[:3], grow, t.size(4))], dim=3)
             self.k, self.v = pad(self.k), pad(self.v)
             self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1)
 
     def add(self, real):
         """Mark the next T slots' real tokens, (B, T) bool, and point the layers at them. Returns the
-        real-key mask of every slot, (B, max_len), and the new slots, (T,)."""
+        real-key mask of the slots so far, (B, start + T), and the new slots, (T,)."""
         start, T = self.length, real.size(1)
         if start + T > self.k.size(3):
             raise ValueError(f"KV cache of {self.k.size(3)} slots cannot take {start + T}: allocate more")
