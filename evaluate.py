@@ -64,7 +64,7 @@ LABELS = {"sft_qa": "vanilla SFT", "sft_ei": "EI-SFT", "rl_exgrpo_plain": "SFT +
 # the paired differences the report gives confidence intervals for: every row against both SFT
 # baselines, and the DSU bonus on its own
 BASELINES, PAIRS = ("sft_qa", "sft_ei"), (("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo_nobonus", "rl_exgrpo_plain"))
-# the comparisons whose power the report states (issue 20): the whole method against its SFT student,
+# the comparisons whose power the report states (README, "The RL study"): the whole method against its SFT student,
 # the DSU bonus on its own, and the whole method against plain SFT
 COMPARISONS = (("rl_exgrpo", "sft_ei"), ("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo", "sft_qa"))
 Z_POWER = statistics.NormalDist().inv_cdf(0.975) + statistics.NormalDist().inv_cdf(0.80)  # 80% power, two-sided 5%
@@ -727,20 +727,9 @@ def saved_entries(folders):
     return entries, settings[0]["splits"], settings[0]["max_new_tokens"]
 
 
-def main(argv):
-    cfg = parse_config(Config(), argv, LIMITS)
-    if cfg.from_results:  # a study's committed seeds: the report without checkpoints or models
-        runs = [f for f in cfg.from_results.split(",") if f]
-        entries, splits, cfg.max_new_tokens = saved_entries(runs)
-        report_dir = os.path.join(cfg.out_dir, "report")
-        os.makedirs(report_dir, exist_ok=True)
-        analysis = power_analysis(entries, splits)
-        atomic_write(os.path.join(report_dir, "results.json"), json.dumps(
-            {"from_results": runs, "checkpoints": {f"{e['run']}/{e['name']}": e for e in entries}, "power": analysis},
-            indent=1))
-        write_report(cfg, runs, splits, entries, report_dir, analysis)
-        print(f"wrote {os.path.join(report_dir, 'report.md')} ({len(entries)} checkpoints from {len(runs)} folders)")
-        return
+def scored_entries(cfg, results_path):
+    """(runs, splits, entries, settings): every checkpoint of the run folders scored, or taken from
+    an earlier results_path with --reuse while its checkpoint, data and settings are unchanged."""
     set_threads(cfg.threads)
     device = pick_device(cfg.device)
     runs = [r for r in cfg.runs.split(",") if r] or [cfg.out_dir]
@@ -748,9 +737,6 @@ def main(argv):
     splits = [s for s in cfg.splits.split(",") if s] or default_splits(runs)
     worlds = [w for w in cfg.worlds.split(",") if w]
     data = {run: load_data(run, splits, worlds, cfg.max_problems) for run in dict.fromkeys(r for r, _, _ in found)}
-    report_dir = os.path.join(cfg.out_dir, "report")
-    os.makedirs(report_dir, exist_ok=True)
-    results_path = os.path.join(report_dir, "results.json")
     settings = dict(splits=splits, worlds=worlds, max_problems=cfg.max_problems, probe_problems=cfg.probe_problems,
                     max_new_tokens=cfg.max_new_tokens)
     cached = read_results(results_path, settings) if cfg.reuse else {}
@@ -760,11 +746,26 @@ def main(argv):
         if entry is None or entry["stamp"] != now:
             entry = dict(evaluate_checkpoint(path, run, data[run], cfg, device), stamp=now)
         entries.append(dict(entry, name=name))
+    return runs, splits, entries, settings
+
+
+def main(argv):
+    cfg = parse_config(Config(), argv, LIMITS)
+    report_dir = os.path.join(cfg.out_dir, "report")
+    results_path = os.path.join(report_dir, "results.json")
+    if cfg.from_results:  # a study's committed seeds: the report without checkpoints or models
+        runs = [f for f in cfg.from_results.split(",") if f]
+        entries, splits, cfg.max_new_tokens = saved_entries(runs)
+        saved = {"from_results": runs}
+    else:
+        runs, splits, entries, settings = scored_entries(cfg, results_path)
+        saved = {"settings": settings}
+    os.makedirs(report_dir, exist_ok=True)
     analysis = power_analysis(entries, splits)
-    atomic_write(results_path, json.dumps({"settings": settings, "checkpoints": {e["path"]: e for e in entries},
-                                           "power": analysis}, indent=1))
+    atomic_write(results_path, json.dumps({**saved, "checkpoints": {e["path"]: e for e in entries}, "power": analysis},
+                                          indent=1))
     write_report(cfg, runs, splits, entries, report_dir, analysis)
-    print(f"wrote {os.path.join(report_dir, 'report.md')} ({len(entries)} checkpoints)")
+    print(f"wrote {os.path.join(report_dir, 'report.md')} ({len(entries)} checkpoints from {len(runs)} folder(s))")
 
 
 if __name__ == "__main__":
