@@ -17,6 +17,7 @@ repetitions after `warmup` untimed ones. On a shared machine other processes ske
 the header prints the load average and how busy the CPUs were just before the run; compare only
 numbers from the same run.
 """
+
 import importlib.util
 import json
 import os
@@ -40,33 +41,43 @@ from tokenizer import gpt2_bpe_files
 @dataclass
 class BenchConfig:
     shapes: str = "tiny,S,gpt2"  # comma-separated presets of model.PRESETS, or S: tiny with GPT-2's 50257 outputs
-    compact_vocab: int = 200   # vocab of the other tiny presets (a compact task vocabulary); gpt2* and S use 50257
-    threads: int = 1           # torch threads; 0 keeps torch's default
-    device: str = "cpu"        # cpu | cuda | auto
-    batch: int = 4             # training batch
-    seq_len: int = 128         # training sequence length
-    gen_batch: str = "8,64"    # prompts sampled at once (one sample each), comma-separated: one row per count
-    prompt_len: int = 16       # tokens per prompt
-    new_tokens: int = 64       # tokens sampled per prompt
-    warmup: int = 1            # untimed repetitions first
-    iters: int = 3             # timed repetitions (median)
-    nocache: bool = True       # also time sampling without a KV cache
-    hf: bool = True            # also time transformers' GPT2LMHeadModel, when installed
-    rl: bool = True            # also one GRPO step at shape S, ours and (when installed) TRL's
-    rl_questions: int = 16     # questions per GRPO step
-    rl_group: int = 8          # rollouts per question
-    rl_new_tokens: int = 64    # tokens per rollout (TRL is held to exactly this many; ours rarely stops early)
-    profile: bool = False      # instead: where a decode step spends its time, per op group, at each shape
-    trl_run: str = ""          # internal: the run folder of TRL's steps (bench.py starts itself with it)
+    compact_vocab: int = (
+        200  # vocab of the other tiny presets (a compact task vocabulary); gpt2* and S use 50257
+    )
+    threads: int = 1  # torch threads; 0 keeps torch's default
+    device: str = "cpu"  # cpu | cuda | auto
+    batch: int = 4  # training batch
+    seq_len: int = 128  # training sequence length
+    gen_batch: str = (
+        "8,64"  # prompts sampled at once (one sample each), comma-separated: one row per count
+    )
+    prompt_len: int = 16  # tokens per prompt
+    new_tokens: int = 64  # tokens sampled per prompt
+    warmup: int = 1  # untimed repetitions first
+    iters: int = 3  # timed repetitions (median)
+    nocache: bool = True  # also time sampling without a KV cache
+    hf: bool = True  # also time transformers' GPT2LMHeadModel, when installed
+    rl: bool = True  # also one GRPO step at shape S, ours and (when installed) TRL's
+    rl_questions: int = 16  # questions per GRPO step
+    rl_group: int = 8  # rollouts per question
+    rl_new_tokens: int = (
+        64  # tokens per rollout (TRL is held to exactly this many; ours rarely stops early)
+    )
+    profile: bool = (
+        False  # instead: where a decode step spends its time, per op group, at each shape
+    )
+    trl_run: str = ""  # internal: the run folder of TRL's steps (bench.py starts itself with it)
     seed: int = 0
 
 
 def cpu_busy(seconds=1.0):
     """Fraction of all CPU time spent busy over `seconds`, from /proc/stat (None off Linux)."""
+
     def read():
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
         return sum(v), v[3] + v[4]  # total, idle + iowait
+
     try:
         t0, i0 = read()
         time.sleep(seconds)
@@ -122,11 +133,21 @@ def sample_nocache(model, prompts, new_tokens, gen):
 
 def hf_model(config):
     import transformers
+
     transformers.logging.set_verbosity_error()  # its config notes would break the table
     hf_config = transformers.GPT2Config(
-        n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
-        n_positions=config.block_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1, attn_implementation="sdpa")
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        vocab_size=config.vocab_size,
+        n_positions=config.block_size,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=config.vocab_size - 1,
+        eos_token_id=config.vocab_size - 1,
+        attn_implementation="sdpa",
+    )
     return transformers.GPT2LMHeadModel(hf_config)
 
 
@@ -144,7 +165,10 @@ def bench_shape(name, cfg, device, with_hf):
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x = torch.randint(0, vocab, (cfg.batch, cfg.seq_len + 1), device=device, generator=g)
     batches = [int(n) for n in cfg.gen_batch.split(",")]
-    prompts = {n: torch.randint(0, vocab - 1, (n, cfg.prompt_len), device=device, generator=g) for n in batches}
+    prompts = {
+        n: torch.randint(0, vocab - 1, (n, cfg.prompt_len), device=device, generator=g)
+        for n in batches
+    }
     rows = []
 
     torch.manual_seed(cfg.seed)
@@ -154,14 +178,21 @@ def bench_shape(name, cfg, device, with_hf):
     rows.append(["train", timed(lambda: train_step(model.train(), opt, x, False))])
 
     def generate(n):
-        tokens, _ = model.generate(prompts[n].tolist(), cfg.new_tokens, temperature=1.0, seed=cfg.seed)
+        tokens, _ = model.generate(
+            prompts[n].tolist(), cfg.new_tokens, temperature=1.0, seed=cfg.seed
+        )
         return tokens.numel()  # every row runs until the last row stops
+
     for n in batches:
         rows.append([f"sample {n} rows", timed(lambda: generate(n))])
     if cfg.nocache:
         model.eval()
-        rows.append([f"sample {batches[0]}, no cache", timed(lambda: sample_nocache(model, prompts[batches[0]],
-                                                                                  cfg.new_tokens, g))])
+        rows.append(
+            [
+                f"sample {batches[0]}, no cache",
+                timed(lambda: sample_nocache(model, prompts[batches[0]], cfg.new_tokens, g)),
+            ]
+        )
     del model, opt
 
     if with_hf:
@@ -171,21 +202,48 @@ def bench_shape(name, cfg, device, with_hf):
         rows[0].append(timed(lambda: train_step(hf.train(), opt, x[:, :-1], True)))
         hf.eval()
         for i, n in enumerate(batches):
-            kw = dict(do_sample=True, top_k=0, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
-                      use_cache=True, pad_token_id=vocab - 1, attention_mask=torch.ones_like(prompts[n]))
-            rows[1 + i].append(timed(lambda: (hf.generate(prompts[n], **kw).size(1) - cfg.prompt_len) * n))
+            kw = dict(
+                do_sample=True,
+                top_k=0,
+                max_new_tokens=cfg.new_tokens,
+                min_new_tokens=cfg.new_tokens,
+                use_cache=True,
+                pad_token_id=vocab - 1,
+                attention_mask=torch.ones_like(prompts[n]),
+            )
+            rows[1 + i].append(
+                timed(lambda: (hf.generate(prompts[n], **kw).size(1) - cfg.prompt_len) * n)
+            )
         del hf, opt
     return config, rows
 
 
 # groups of torch.profiler's aten ops in a decode step: what each one is for
-OP_GROUPS = {"head (lm_head matmul)": ("aten::mm",), "block matmuls": ("aten::addmm",),
-             "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_efficient_attention_forward",
-                           "aten::_flash_attention_forward"),
-             "sampling": ("aten::_softmax", "aten::cumsum", "aten::searchsorted", "aten::uniform_", "aten::nonzero"),
-             "layer norm, GELU, residual adds": ("aten::native_layer_norm", "aten::gelu", "aten::add"),
-             "cache writes, copies": ("aten::copy_", "aten::index_copy_", "aten::index_put_", "aten::index",
-                                      "aten::index_fill_", "aten::fill_")}
+OP_GROUPS = {
+    "head (lm_head matmul)": ("aten::mm",),
+    "block matmuls": ("aten::addmm",),
+    "attention": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_efficient_attention_forward",
+        "aten::_flash_attention_forward",
+    ),
+    "sampling": (
+        "aten::_softmax",
+        "aten::cumsum",
+        "aten::searchsorted",
+        "aten::uniform_",
+        "aten::nonzero",
+    ),
+    "layer norm, GELU, residual adds": ("aten::native_layer_norm", "aten::gelu", "aten::add"),
+    "cache writes, copies": (
+        "aten::copy_",
+        "aten::index_copy_",
+        "aten::index_put_",
+        "aten::index",
+        "aten::index_fill_",
+        "aten::fill_",
+    ),
+}
 
 
 def profile_decode(name, cfg, device):
@@ -194,16 +252,19 @@ def profile_decode(name, cfg, device):
     iters calls); 'other ops' is every op not in OP_GROUPS (views, masks, embeddings); the gap to the
     wall time is Python and dispatch."""
     from torch.profiler import ProfilerActivity, profile
+
     model = GPT(shape_config(name, cfg)).to(device).eval()
     vocab = model.config.vocab_size
     n = int(cfg.gen_batch.split(",")[0])
-    prompts = torch.randint(0, vocab - 1, (n, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    prompts = torch.randint(
+        0, vocab - 1, (n, cfg.prompt_len), generator=torch.Generator().manual_seed(cfg.seed)
+    ).tolist()
     walls = []
     for _ in range(cfg.warmup + cfg.iters):  # the wall time unprofiled: the profiler adds its own
         t0 = time.perf_counter()
         model.generate(prompts, cfg.new_tokens, temperature=1.0, seed=cfg.seed)
         walls.append((time.perf_counter() - t0) * 1e3 / cfg.new_tokens)
-    wall = statistics.median(walls[cfg.warmup:])
+    wall = statistics.median(walls[cfg.warmup :])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model.generate(prompts, cfg.new_tokens, temperature=1.0, seed=cfg.seed)
     self_ms = {e.key: e.self_cpu_time_total / 1e3 / cfg.new_tokens for e in prof.key_averages()}
@@ -219,8 +280,12 @@ def profile_decode(name, cfg, device):
 def measured(cmd, log):
     """Run cmd, its output to log; the peak RSS (GiB) of that process alone (os.wait4's usage)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd[:2])} failed; its output is in {log}")
@@ -231,23 +296,68 @@ def bench_rl(cfg, device, with_trl):
     """Rows [what, step s, sampling s or None, peak RSS GiB]: the median step over the last `iters`
     of warmup + iters GRPO steps, on coin questions from invert.py and a random shape-S model."""
     run = tempfile.mkdtemp(prefix="bench_rl_")
-    measured([sys.executable, "invert.py", f"--out_dir={run}", "--worlds=coin", f"--n_train={4 * cfg.rl_questions}",
-              "--n_val=1", "--n_test=1", "--n_ood=1", "--n_examples=0"], os.path.join(run, "invert.log"))
+    measured(
+        [
+            sys.executable,
+            "invert.py",
+            f"--out_dir={run}",
+            "--worlds=coin",
+            f"--n_train={4 * cfg.rl_questions}",
+            "--n_val=1",
+            "--n_test=1",
+            "--n_ood=1",
+            "--n_examples=0",
+        ],
+        os.path.join(run, "invert.log"),
+    )
     torch.manual_seed(cfg.seed)
     save_hf(GPT(GPTConfig(**PRESETS["tiny"], vocab_size=50257)), os.path.join(run, "hf"))
-    steps, median = cfg.warmup + cfg.iters, lambda xs: statistics.median(xs[cfg.warmup:])
-    rss = measured([sys.executable, "distill_rl.py", "--stage=rl", "--algo=grpo", f"--init={run}/hf", "--worlds=coin",
-                    f"--rl_batch_size={cfg.rl_questions}", f"--group_size={cfg.rl_group}", "--beta=0.04",
-                    f"--max_new_tokens={cfg.rl_new_tokens}", f"--out_dir={run}", "--difficulty=False",
-                    "--eval_problems=0", f"--rl_steps={steps}", f"--threads={cfg.threads}", f"--device={device}",
-                    f"--seed={cfg.seed}"], os.path.join(run, "ours.log"))
+    steps, median = cfg.warmup + cfg.iters, lambda xs: statistics.median(xs[cfg.warmup :])
+    rss = measured(
+        [
+            sys.executable,
+            "distill_rl.py",
+            "--stage=rl",
+            "--algo=grpo",
+            f"--init={run}/hf",
+            "--worlds=coin",
+            f"--rl_batch_size={cfg.rl_questions}",
+            f"--group_size={cfg.rl_group}",
+            "--beta=0.04",
+            f"--max_new_tokens={cfg.rl_new_tokens}",
+            f"--out_dir={run}",
+            "--difficulty=False",
+            "--eval_problems=0",
+            f"--rl_steps={steps}",
+            f"--threads={cfg.threads}",
+            f"--device={device}",
+            f"--seed={cfg.seed}",
+        ],
+        os.path.join(run, "ours.log"),
+    )
     log = [json.loads(line) for line in open(os.path.join(run, "logs", "rl_grpo.jsonl"))]
-    rows = [["ours", median([r["time_step"] for r in log]), median([r["time_sample"] for r in log]), rss]]
+    rows = [
+        [
+            "ours",
+            median([r["time_step"] for r in log]),
+            median([r["time_sample"] for r in log]),
+            rss,
+        ]
+    ]
     if with_trl:
         argv = [f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("trl_run", "device")]
-        rss = measured([sys.executable, "bench.py", *argv, f"--trl_run={run}", f"--device={device}"],
-                       os.path.join(run, "trl.log"))
-        rows.append(["TRL GRPOTrainer", median(json.load(open(os.path.join(run, "trl_steps.json")))), None, rss])
+        rss = measured(
+            [sys.executable, "bench.py", *argv, f"--trl_run={run}", f"--device={device}"],
+            os.path.join(run, "trl.log"),
+        )
+        rows.append(
+            [
+                "TRL GRPOTrainer",
+                median(json.load(open(os.path.join(run, "trl_steps.json")))),
+                None,
+                rss,
+            ]
+        )
     shutil.rmtree(run)  # kept only when a run fails, for its log
     return rows
 
@@ -260,13 +370,21 @@ def trl_steps(cfg, run):
     from transformers import GPT2LMHeadModel, GPT2Tokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    records = read_split(os.path.join(run, "data"), "train")[:cfg.rl_questions]
-    data = Dataset.from_dict({"prompt": ["Q: " + r["question"] + "\nA:" for r in records],  # tasks.prompt_ids' format
-                              "answer": [r["answer"] for r in records], "world": [r["world"] for r in records]})
-    reward = lambda completions, answer, world, **_: [float(is_correct(w, c, a))
-                                                      for c, a, w in zip(completions, answer, world)]
+    records = read_split(os.path.join(run, "data"), "train")[: cfg.rl_questions]
+    data = Dataset.from_dict(
+        {
+            "prompt": ["Q: " + r["question"] + "\nA:" for r in records],  # tasks.prompt_ids' format
+            "answer": [r["answer"] for r in records],
+            "world": [r["world"] for r in records],
+        }
+    )
+    reward = lambda completions, answer, world, **_: [
+        float(is_correct(w, c, a)) for c, a, w in zip(completions, answer, world)
+    ]
     files = gpt2_bpe_files()
-    tok = GPT2Tokenizer(vocab=files["encoder.json"], merges=files["vocab.bpe"])  # GPT-2's BPE, offline
+    tok = GPT2Tokenizer(
+        vocab=files["encoder.json"], merges=files["vocab.bpe"]
+    )  # GPT-2's BPE, offline
     tok.pad_token = tok.eos_token
     times = []
 
@@ -277,29 +395,60 @@ def trl_steps(cfg, run):
         def on_step_end(self, *args, **kwargs):
             times.append(time.perf_counter() - self.t0)
 
-    args = GRPOConfig(output_dir=os.path.join(run, "trl"), per_device_train_batch_size=cfg.rl_questions * cfg.rl_group,
-                      num_generations=cfg.rl_group, steps_per_generation=1, gradient_accumulation_steps=1,
-                      max_completion_length=cfg.rl_new_tokens, generation_kwargs={"min_new_tokens": cfg.rl_new_tokens},
-                      temperature=1.0, top_k=0, top_p=1.0, beta=0.04, loss_type="grpo", learning_rate=2e-5,
-                      max_steps=cfg.warmup + cfg.iters, use_cpu=cfg.device == "cpu", seed=cfg.seed,
-                      report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
-    trainer = GRPOTrainer(model=GPT2LMHeadModel.from_pretrained(os.path.join(run, "hf")), reward_funcs=reward,
-                          args=args, train_dataset=data, processing_class=tok, callbacks=[StepTimer()])
+    args = GRPOConfig(
+        output_dir=os.path.join(run, "trl"),
+        per_device_train_batch_size=cfg.rl_questions * cfg.rl_group,
+        num_generations=cfg.rl_group,
+        steps_per_generation=1,
+        gradient_accumulation_steps=1,
+        max_completion_length=cfg.rl_new_tokens,
+        generation_kwargs={"min_new_tokens": cfg.rl_new_tokens},
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        beta=0.04,
+        loss_type="grpo",
+        learning_rate=2e-5,
+        max_steps=cfg.warmup + cfg.iters,
+        use_cpu=cfg.device == "cpu",
+        seed=cfg.seed,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=GPT2LMHeadModel.from_pretrained(os.path.join(run, "hf")),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[StepTimer()],
+    )
     trainer.train()
     with open(os.path.join(run, "trl_steps.json"), "w") as f:
         json.dump(times, f)
 
 
-LIMITS = dict(**dict.fromkeys(("batch", "seq_len", "prompt_len", "new_tokens", "iters"), "[1, inf)"),
-              compact_vocab="[2, inf)", threads="[0, inf)", warmup="[0, inf)", seed="[0, inf)",
-              **dict.fromkeys(("rl_questions", "rl_group", "rl_new_tokens"), "[1, inf)"))
+LIMITS = dict(
+    **dict.fromkeys(("batch", "seq_len", "prompt_len", "new_tokens", "iters"), "[1, inf)"),
+    compact_vocab="[2, inf)",
+    threads="[0, inf)",
+    warmup="[0, inf)",
+    seed="[0, inf)",
+    **dict.fromkeys(("rl_questions", "rl_group", "rl_new_tokens"), "[1, inf)"),
+)
 
 
 def main(argv):
     cfg = parse_config(BenchConfig(), argv, LIMITS)
-    unknown = [name for name in cfg.shapes.split(",") if name and name not in PRESETS and name != "S"]
+    unknown = [
+        name for name in cfg.shapes.split(",") if name and name not in PRESETS and name != "S"
+    ]
     if unknown:
-        raise SystemExit(f"--shapes: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}, S")
+        raise SystemExit(
+            f"--shapes: unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}, S"
+        )
     if not all(n.isdigit() and int(n) > 0 for n in cfg.gen_batch.split(",")):
         raise SystemExit(f"--gen_batch={cfg.gen_batch}: give prompt counts such as 8 or 8,64")
     set_threads(cfg.threads)
@@ -309,19 +458,27 @@ def main(argv):
     has_transformers = importlib.util.find_spec("transformers") is not None
     busy = cpu_busy()
     if cfg.profile:
-        print(f"a decode step, ms per step (torch.profiler self time; {cfg.prompt_len}-token prompts + {cfg.new_tokens} "
-              f"new, {torch.get_num_threads()} threads, cpu busy before {'?' if busy is None else f'{100 * busy:.0f}%'})")
+        print(
+            f"a decode step, ms per step (torch.profiler self time; {cfg.prompt_len}-token prompts + {cfg.new_tokens} "
+            f"new, {torch.get_num_threads()} threads, cpu busy before {'?' if busy is None else f'{100 * busy:.0f}%'})"
+        )
         for name in [name for name in cfg.shapes.split(",") if name]:
             n, wall, groups = profile_decode(name, cfg, device)
-            print(f"{name}, {n} rows: {wall:.2f} ms a step (wall); "
-                  + "; ".join(f"{g} {ms:.2f} ({100 * ms / wall:.0f}%)" for g, ms in groups.items()))
+            print(
+                f"{name}, {n} rows: {wall:.2f} ms a step (wall); "
+                + "; ".join(f"{g} {ms:.2f} ({100 * ms / wall:.0f}%)" for g, ms in groups.items())
+            )
         return
-    print(f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} (1 min), "
-          f"cpu busy before the run {'?' if busy is None else f'{100 * busy:.0f}%'}")
-    print(f"train: batch {cfg.batch} x {cfg.seq_len} tokens, fwd + bwd + AdamW step; sample: {cfg.gen_batch} "
-          f"prompts x {cfg.prompt_len} tokens + {cfg.new_tokens} new, temperature 1, no top-k; "
-          f"median of {cfg.iters} after {cfg.warmup} warm-up")
+    print(
+        f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} (1 min), "
+        f"cpu busy before the run {'?' if busy is None else f'{100 * busy:.0f}%'}"
+    )
+    print(
+        f"train: batch {cfg.batch} x {cfg.seq_len} tokens, fwd + bwd + AdamW step; sample: {cfg.gen_batch} "
+        f"prompts x {cfg.prompt_len} tokens + {cfg.new_tokens} new, temperature 1, no top-k; "
+        f"median of {cfg.iters} after {cfg.warmup} warm-up"
+    )
     if cfg.hf and not has_transformers:
         print("transformers is not installed: no comparison")
     print(f"{'shape':<12} {'what':<20} {'ours tok/s':>11} {'HF tok/s':>10} {'ours/HF':>8}")
@@ -335,16 +492,24 @@ def main(argv):
             print(f"{label:<12} {'KV cache speed-up':<20} {rows[1][1] / rows[-1][1]:11.2f}x")
     if cfg.rl:
         with_trl = importlib.util.find_spec("trl") is not None
-        print(f"\nGRPO step at shape S (tiny preset, V=50257): {cfg.rl_questions} coin questions x {cfg.rl_group} "
-              f"rollouts x {cfg.rl_new_tokens} new tokens, beta 0.04; median of {cfg.iters} steps after {cfg.warmup}"
-              + ("" if with_trl else "; trl is not installed: no comparison"))
+        print(
+            f"\nGRPO step at shape S (tiny preset, V=50257): {cfg.rl_questions} coin questions x {cfg.rl_group} "
+            f"rollouts x {cfg.rl_new_tokens} new tokens, beta 0.04; median of {cfg.iters} steps after {cfg.warmup}"
+            + ("" if with_trl else "; trl is not installed: no comparison")
+        )
         rows = bench_rl(cfg, device, with_trl)
-        print(f"{'what':<16} {'step s':>7} {'sampling s':>11} {'step/sampling':>14} {'peak RSS GiB':>13}")
+        print(
+            f"{'what':<16} {'step s':>7} {'sampling s':>11} {'step/sampling':>14} {'peak RSS GiB':>13}"
+        )
         for what, step, sampling, rss in rows:
-            share = f"{sampling:11.2f} {step / sampling:14.2f}" if sampling else f"{'-':>11} {'-':>14}"
+            share = (
+                f"{sampling:11.2f} {step / sampling:14.2f}" if sampling else f"{'-':>11} {'-':>14}"
+            )
             print(f"{what:<16} {step:7.2f} {share} {rss:13.2f}")
         if len(rows) > 1:
-            print(f"ours vs TRL: {rows[1][1] / rows[0][1]:.2f}x faster, {rows[0][3] / rows[1][3]:.2f}x the peak memory")
+            print(
+                f"ours vs TRL: {rows[1][1] / rows[0][1]:.2f}x faster, {rows[0][3] / rows[1][3]:.2f}x the peak memory"
+            )
     print(f"load average after the run {os.getloadavg()[0]:.2f}")
 
 

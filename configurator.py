@@ -4,6 +4,7 @@ config/*.py presets, then --key=value overrides, then each field checked against
 limits), the device, torch's threads, the one way files are written (a temp file, then a rename,
 so a crash never leaves half a file), a lock file, and cli(): the error boundary of every script.
 """
+
 import ast
 import contextlib
 import dataclasses
@@ -29,7 +30,11 @@ def cli(main):
     becomes one sentence on stderr and exit code 1; anything else is a bug and keeps its traceback."""
     try:
         main(sys.argv[1:])
-    except (UserError, OSError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError: below
+    except (
+        UserError,
+        OSError,
+        UnicodeDecodeError,
+    ) as e:  # json.JSONDecodeError is a ValueError: below
         sys.exit(describe(e))
     except json.JSONDecodeError as e:
         sys.exit(f"a file is not valid JSON ({e})")
@@ -39,7 +44,9 @@ def describe(e):
     """The one sentence cli() shows for a user's error."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "no space left on device" + (f" to write {e.filename}" if e.filename else "")
-    if isinstance(e, OSError) and e.filename and e.strerror:  # raised by open(), os.*: name the path
+    if (
+        isinstance(e, OSError) and e.filename and e.strerror
+    ):  # raised by open(), os.*: name the path
         return f"{e.filename}: {e.strerror}"
     if isinstance(e, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({e.reason} at byte {e.start})"
@@ -49,7 +56,9 @@ def describe(e):
 def read_preset(path):
     """The names a config/*.py preset defines. A preset that does not run stops with its file and line."""
     if not os.path.isfile(path):
-        raise SystemExit(f"config file {path} does not exist (arguments are presets or --key=value)")
+        raise SystemExit(
+            f"config file {path} does not exist (arguments are presets or --key=value)"
+        )
     scope = {}
     try:
         with open(path, encoding="utf-8") as f:
@@ -83,7 +92,9 @@ def parse_config(cfg, argv, limits=None):
         if not arg.startswith("--"):
             for key, value in read_preset(arg).items():
                 if key in fields:
-                    setattr(cfg, key, coerce(f"{arg}: {key}", value, getattr(cfg, key), repr(value)))
+                    setattr(
+                        cfg, key, coerce(f"{arg}: {key}", value, getattr(cfg, key), repr(value))
+                    )
             continue
         key, sep, raw = arg[2:].partition("=")
         if not sep:
@@ -115,7 +126,9 @@ def check_fields(cfg, limits):
             above = value > lo if rule[0] == "(" else value >= lo
             below = value < hi if rule[-1] == ")" else value <= hi
             if not (above and below and math.isfinite(value)):
-                bound = f"{'>' if rule[0] == '(' else '>='} {lo:g}" if hi == math.inf else f"in {rule}"
+                bound = (
+                    f"{'>' if rule[0] == '(' else '>='} {lo:g}" if hi == math.inf else f"in {rule}"
+                )
                 raise SystemExit(f"--{f.name}={value} must be {bound}")
         else:
             assert type(value) not in (int, float), f"{type(cfg).__name__}.{f.name} has no limits"
@@ -128,11 +141,18 @@ def pick_device(device="auto"):
     try:
         d = torch.device(device)
     except RuntimeError:
-        raise SystemExit(f"--device={device} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    there = {"cpu": True, "cuda": torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count(),
-             "mps": torch.backends.mps.is_available()}.get(d.type, False)
+        raise SystemExit(
+            f"--device={device} is not a device: use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    there = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }.get(d.type, False)
     if not there:
-        raise SystemExit(f"--device={device} is not available on this machine: use --device=cpu or --device=auto")
+        raise SystemExit(
+            f"--device={device} is not available on this machine: use --device=cpu or --device=auto"
+        )
     return device
 
 
@@ -146,7 +166,9 @@ def mixed_precision(device, dtype="auto"):
         raise SystemExit(f"--dtype={dtype} is not one of auto, float32, bfloat16")
     device_type = str(device).split(":")[0]
     if device_type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"  # the new API only: mixing it with allow_tf32 raises
+        torch.backends.cuda.matmul.fp32_precision = (
+            "tf32"  # the new API only: mixing it with allow_tf32 raises
+        )
     if dtype == "float32" or (dtype == "auto" and device_type != "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16)
@@ -171,7 +193,9 @@ def atomic_write(path, data):
         os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on device to write {path}; the old file, if any, is unchanged") from None
+            raise UserError(
+                f"no space left on device to write {path}; the old file, if any, is unchanged"
+            ) from None
         raise
     finally:
         if os.path.exists(tmp):
@@ -190,8 +214,10 @@ def file_lock(path, what):
         except FileExistsError:
             pid = lock_owner(path)
             if attempt or pid is None or pid_alive(pid):
-                raise SystemExit(f"{what} is already running (pid {pid or '?'}, lock {path}); wait for it to "
-                                 f"finish, or delete the lock if no such process runs") from None
+                raise SystemExit(
+                    f"{what} is already running (pid {pid or '?'}, lock {path}); wait for it to "
+                    f"finish, or delete the lock if no such process runs"
+                ) from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # its process is gone: take the lock over
     with os.fdopen(fd, "w") as f:

@@ -9,10 +9,15 @@ call and write into preallocated outputs: one autograd call per chunk, or one ke
 left small tensors between freed chunks and grew the CPU heap (peak RSS 2.4 GiB where 1.5 were
 live, measured at bench.py's RL shape).
 """
+
 import torch
 
-CHUNK_LOGITS = 2**23  # fp32 logits per chunk (32 MiB): the fastest size on CPU of those we tried (measured)
-KEEP_LOGITS = 2**28   # with grad, softmax values kept for backward, at most (1 GiB): recomputed beyond
+CHUNK_LOGITS = (
+    2**23
+)  # fp32 logits per chunk (32 MiB): the fastest size on CPU of those we tried (measured)
+KEEP_LOGITS = (
+    2**28
+)  # with grad, softmax values kept for backward, at most (1 GiB): recomputed beyond
 
 
 class TargetLogprobs(torch.autograd.Function):
@@ -28,9 +33,14 @@ class TargetLogprobs(torch.autograd.Function):
     def forward(ctx, h, weight, y, temperature, entropy):
         V = weight.size(0)
         rows = max(1, CHUNK_LOGITS // V)
-        ctx.base, kept = keep_buffer(min(len(y), KEEP_LOGITS // V // rows * rows) if ctx.needs_input_grad[0] else 0, V,
-                                     h.device)
-        lp, lse, ent = (torch.empty(n, device=h.device) for n in (len(y), len(y), len(y) if entropy else 0))
+        ctx.base, kept = keep_buffer(
+            min(len(y), KEEP_LOGITS // V // rows * rows) if ctx.needs_input_grad[0] else 0,
+            V,
+            h.device,
+        )
+        lp, lse, ent = (
+            torch.empty(n, device=h.device) for n in (len(y), len(y), len(y) if entropy else 0)
+        )
         for s in (slice(i, min(i + rows, len(y))) for i in range(0, len(y), rows)):
             z = logits_chunk(h[s], weight, temperature)
             top = z.amax(-1, keepdim=True)
@@ -53,13 +63,20 @@ class TargetLogprobs(torch.autograd.Function):
         h, weight, y, lse = ctx.saved_tensors
         grad_h, grad_w, g = torch.empty_like(h), torch.zeros_like(weight), grad / ctx.temperature
         for s in (slice(i, min(i + ctx.rows, len(y))) for i in range(0, len(y), ctx.rows)):
-            p = ctx.kept[s] if s.stop <= len(ctx.kept) else \
-                logits_chunk(h[s], weight, ctx.temperature).sub_(lse[s, None]).exp_()
-            dz = p.mul_(-g[s, None]).scatter_add_(1, y[s, None], g[s, None]).to(h.dtype)  # g (onehot(y) - p)
+            p = (
+                ctx.kept[s]
+                if s.stop <= len(ctx.kept)
+                else logits_chunk(h[s], weight, ctx.temperature).sub_(lse[s, None]).exp_()
+            )
+            dz = (
+                p.mul_(-g[s, None]).scatter_add_(1, y[s, None], g[s, None]).to(h.dtype)
+            )  # g (onehot(y) - p)
             grad_h[s] = dz @ weight
             grad_w.addmm_(dz.t(), h[s])
-        SPARE[:] = [max(SPARE + [ctx.base], key=torch.numel)]  # spoilt in place: the next forward may reuse
-        ctx.kept = ctx.base = ctx.kept.new_empty(0)              # it; a second backward recomputes
+        SPARE[:] = [
+            max(SPARE + [ctx.base], key=torch.numel)
+        ]  # spoilt in place: the next forward may reuse
+        ctx.kept = ctx.base = ctx.kept.new_empty(0)  # it; a second backward recomputes
         return grad_h, grad_w, None, None, None
 
 
@@ -72,7 +89,7 @@ def keep_buffer(n, V, device):
     its own backward, so two forwards in flight never share one."""
     if n and SPARE and SPARE[0].device == device and SPARE[0].numel() >= n * V:
         base = SPARE.pop()
-        return base, base[:n * V].view(n, V)
+        return base, base[: n * V].view(n, V)
     base = torch.empty(n * V, device=device)
     return base, base.view(n, V)
 

@@ -8,6 +8,7 @@ transformers (the files are read by gpt2_files.py) and the compact checkpoints e
 Reference: Radford et al. 2019 (GPT-2); the layout and short names follow nanoGPT so weight keys
 line up with OpenAI's checkpoint.
 """
+
 import dataclasses
 import io
 import math
@@ -39,12 +40,12 @@ class GPTConfig:
 
 
 PRESETS = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),           # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),   # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),    # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),       # 1558M
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=512),  # the CPU student
-    "nano": dict(n_layer=2, n_head=2, n_embd=32, block_size=128),   # tests
+    "nano": dict(n_layer=2, n_head=2, n_embd=32, block_size=128),  # tests
 }
 
 # --- the blocks ----------------------------------------------------------------------------
@@ -59,7 +60,9 @@ class KVCache:
     def __init__(self, config, batch, max_len, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch, config.n_head, max_len, hs)
-        if torch.is_autocast_enabled(torch.device(device).type):  # keys and values in bf16: half the memory
+        if torch.is_autocast_enabled(
+            torch.device(device).type
+        ):  # keys and values in bf16: half the memory
             dtype = torch.get_autocast_dtype(torch.device(device).type)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
@@ -68,7 +71,9 @@ class KVCache:
         self.filled = torch.zeros(1, dtype=torch.long, device=device)
         self.slots = None  # the slots the running forward writes, (T,)
         self.window = None  # the leading slots it attends over: None = all max_len (a captured step's fixed shape)
-        self.static = False  # True while a compiled step decodes: every step then attends over every slot
+        self.static = (
+            False  # True while a compiled step decodes: every step then attends over every slot
+        )
 
     @property
     def length(self):
@@ -81,20 +86,24 @@ class KVCache:
             grow = max(need, 2 * have) - have
             pad = lambda t: torch.cat([t, t.new_empty(*t.shape[:3], grow, t.size(4))], dim=3)
             self.k, self.v = pad(self.k), pad(self.v)
-            self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1)
+            self.valid = torch.cat(
+                [self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1
+            )
 
     def add(self, real):
         """Mark the next T slots' real tokens, (B, T) bool, and point the layers at them. Returns the
         real-key mask of the slots so far, (B, start + T), and the new slots, (T,)."""
         start, T = self.length, real.size(1)
         if start + T > self.k.size(3):
-            raise ValueError(f"KV cache of {self.k.size(3)} slots cannot take {start + T}: allocate more")
+            raise ValueError(
+                f"KV cache of {self.k.size(3)} slots cannot take {start + T}: allocate more"
+            )
         self.slots = torch.arange(start, start + T, device=real.device)
-        self.valid[:, start:start + T] = real
+        self.valid[:, start : start + T] = real
         self.n_real += real.sum(1)
         self.filled += T
         self.window = start + T
-        return self.valid[:, :start + T], self.slots
+        return self.valid[:, : start + T], self.slots
 
     def repeat_interleave(self, n):
         """Prefill once, then give each of the n samples of a prompt its own copy."""
@@ -113,7 +122,6 @@ def attention_mask(keys, q_slots):
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
@@ -123,24 +131,34 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask, cache, layer):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # write this step's slots in place, attend over the first `window` (mask)
-            if cache.window is None:  # a captured step: its slot is a tensor, it attends over every slot
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
+        )  # (B, nh, T, hs)
+        if (
+            cache is not None
+        ):  # write this step's slots in place, attend over the first `window` (mask)
+            if (
+                cache.window is None
+            ):  # a captured step: its slot is a tensor, it attends over every slot
                 cache.k[layer].index_copy_(2, cache.slots, k.to(cache.k.dtype))
                 cache.v[layer].index_copy_(2, cache.slots, v.to(cache.v.dtype))
             else:  # a slice copy is cheaper on CPU
-                cache.k[layer, :, :, cache.window - T:cache.window] = k
-                cache.v[layer, :, :, cache.window - T:cache.window] = v
-            k, v = cache.k[layer, :, :, :cache.window], cache.v[layer, :, :, :cache.window]  # (B, nh, window, hs)
+                cache.k[layer, :, :, cache.window - T : cache.window] = k
+                cache.v[layer, :, :, cache.window - T : cache.window] = v
+            k, v = (
+                cache.k[layer, :, :, : cache.window],
+                cache.v[layer, :, :, : cache.window],
+            )  # (B, nh, window, hs)
         drop = self.dropout if self.training else 0.0
         # mask None: plain causal self-attention (training); else an explicit (B, 1, Tq, Tk) mask,
         # because SDPA's is_causal aligns the triangle top-left when Tq != Tk (a cached step is wrong)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=mask is None)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=mask is None
+        )
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -153,7 +171,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
@@ -167,17 +184,18 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
@@ -194,7 +212,16 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx, targets=None, attn_mask=None, positions=None, kv_cache=None, return_hidden=False, head=True):
+    def forward(
+        self,
+        idx,
+        targets=None,
+        attn_mask=None,
+        positions=None,
+        kv_cache=None,
+        return_hidden=False,
+        head=True,
+    ):
         """idx (B, T) token ids. attn_mask (B, T) bool, True = real token (False = padding).
         positions (B, T) position ids; by default each row counts its own real tokens, so a
         left-padded row gets exactly the positions it would have alone. targets (B, T) with -1
@@ -205,35 +232,58 @@ class GPT(nn.Module):
         B, T = idx.size()
         mask = None  # the fast path (training): every token is real, plain causal attention
         if attn_mask is not None or kv_cache is not None:
-            real = torch.ones(B, T, dtype=torch.bool, device=idx.device) if attn_mask is None else attn_mask
+            real = (
+                torch.ones(B, T, dtype=torch.bool, device=idx.device)
+                if attn_mask is None
+                else attn_mask
+            )
             if positions is None:
                 past = 0 if kv_cache is None else kv_cache.n_real[:, None]
                 positions = (past + real.long().cumsum(1) - 1).clamp(min=0)
-            keys, q_slots = (real, torch.arange(T, device=idx.device)) if kv_cache is None else kv_cache.add(real)
+            keys, q_slots = (
+                (real, torch.arange(T, device=idx.device))
+                if kv_cache is None
+                else kv_cache.add(real)
+            )
             mask = attention_mask(keys, q_slots)
         elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
         if positions.max() >= self.config.block_size:
-            raise UserError(f"position {int(positions.max())} is past block_size {self.config.block_size}: "
-                            "shorten the input")
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+            raise UserError(
+                f"position {int(positions.max())} is past block_size {self.config.block_size}: "
+                "shorten the input"
+            )
+        x = self.transformer.drop(
+            self.transformer.wte(idx) + self.transformer.wpe(positions)
+        )  # (B, T, C)
         hidden = [x] if return_hidden else None
         for layer, block in enumerate(self.transformer.h):
             x = block(x, mask, kv_cache, layer)
             if return_hidden:
                 hidden.append(x)
-        with torch.autocast(idx.device.type, enabled=False):  # fp32 under bf16 autocast: bf16 rounds GPT-2's
-            x = self.transformer.ln_f(x.float())              # logits (tens) to steps of 0.25
-            logits = self.lm_head(x) if head else x  # (B, T, V), or the final hidden states (B, T, C)
-        loss = None if targets is None or not head else F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)  # logits are fp32 already
+        with torch.autocast(
+            idx.device.type, enabled=False
+        ):  # fp32 under bf16 autocast: bf16 rounds GPT-2's
+            x = self.transformer.ln_f(x.float())  # logits (tens) to steps of 0.25
+            logits = (
+                self.lm_head(x) if head else x
+            )  # (B, T, V), or the final hidden states (B, T, C)
+        loss = (
+            None
+            if targets is None or not head
+            else F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        )  # logits are fp32 already
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95)):
         """AdamW with weight decay on 2-D weights (matrices, embeddings), none on biases and gains."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(self.parameters()).is_cuda)
 
     def decode(self, idx, real, cache):
@@ -245,11 +295,17 @@ class GPT(nn.Module):
         # eager attends over the filled slots only (a dialogue's cache is up to twice that); a captured
         # step over all of them, its shapes fixed
         cache.window = None if cache.static else cache.length + 1
-        positions = (cache.n_real + real - 1).clamp(min=0)  # a real token's position: the real tokens before it
-        cache.valid.index_fill_(1, slot, True)  # the query sees itself: a pad query must see some key
+        positions = (cache.n_real + real - 1).clamp(
+            min=0
+        )  # a real token's position: the real tokens before it
+        cache.valid.index_fill_(
+            1, slot, True
+        )  # the query sees itself: a pad query must see some key
         x = (self.transformer.wte(idx) + self.transformer.wpe(positions))[:, None]  # (N, 1, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache.valid[:, None, None, :cache.window], cache, layer)  # mask (N, 1, 1, window)
+            x = block(
+                x, cache.valid[:, None, None, : cache.window], cache, layer
+            )  # mask (N, 1, 1, window)
         cache.valid.index_copy_(1, slot, real[:, None])  # a filler stays invisible to later queries
         cache.n_real += real
         cache.filled += 1
@@ -260,21 +316,38 @@ class GPT(nn.Module):
         """Compile the decode step at its first call (on CUDA with CUDA graphs: one replay per token in
         place of ~20 kernel launches per layer). Where that fails (no C++ compiler, no Triton) the
         step stays eager, with one note: eager is correct, only slower."""
+
         def first_call(*args):
             try:
-                compiled = torch.compile(self.decode, mode="reduce-overhead" if args[0].is_cuda else None,
-                                         fullgraph=True)
+                compiled = torch.compile(
+                    self.decode, mode="reduce-overhead" if args[0].is_cuda else None, fullgraph=True
+                )
                 out = compiled(*args)
-            except Exception as e:  # compilation happens before the step runs: the cache is untouched
-                print(f"note: torch.compile failed here ({type(e).__name__}: {str(e)[:80]}); decoding stays eager")
+            except (
+                Exception
+            ) as e:  # compilation happens before the step runs: the cache is untouched
+                print(
+                    f"note: torch.compile failed here ({type(e).__name__}: {str(e)[:80]}); decoding stays eager"
+                )
                 compiled, out = self.decode, self.decode(*args)
             self.decode_step = compiled
             return out
+
         self.decode_step = first_call
 
     @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens, num_samples=1, temperature=1.0, top_k=None,
-                 stop_ids=None, seed=None, eot=None, kv_cache=None):
+    def generate(
+        self,
+        prompts,
+        max_new_tokens,
+        num_samples=1,
+        temperature=1.0,
+        top_k=None,
+        stop_ids=None,
+        seed=None,
+        eot=None,
+        kv_cache=None,
+    ):
         """Sample num_samples continuations of each prompt (token-id lists, any lengths; temperature 0
         is greedy). Prompts are left-padded and prefilled once, then the cache is copied per sample.
         A row stops at eot or when it ends with one of stop_ids; an empty prompt generates nothing.
@@ -289,28 +362,40 @@ class GPT(nn.Module):
         longest = max(int(lengths.max()), 1)
         past = 0 if kv_cache is None else int(kv_cache.n_real.max())
         if past + longest + max_new_tokens > self.config.block_size:
-            raise UserError(f"prompt of {past + longest} tokens + max_new_tokens={max_new_tokens} exceeds "
-                             f"block_size {self.config.block_size}; shorten the prompt or max_new_tokens")
+            raise UserError(
+                f"prompt of {past + longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                f"block_size {self.config.block_size}; shorten the prompt or max_new_tokens"
+            )
         if kv_cache is not None and (num_samples != 1 or kv_cache.k.size(1) != len(prompts)):
-            raise ValueError("continuing a KV cache needs one prompt per cached row and num_samples=1")
+            raise ValueError(
+                "continuing a KV cache needs one prompt per cached row and num_samples=1"
+            )
         was_training = self.training
         self.eval()
         gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         B, N = len(prompts), len(prompts) * num_samples
         idx = torch.full((B, longest), eot, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
-            idx[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+            idx[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
         real = torch.arange(longest, device=device)[None, :] >= (longest - lengths)[:, None]
-        cache = kv_cache or KVCache(self.config, B, longest + max_new_tokens, device, self.transformer.wte.weight.dtype)
-        cache.reserve(longest + max_new_tokens)  # the most this call writes: its decode steps never reallocate
-        hidden, _ = self(idx, attn_mask=real, kv_cache=cache, head=False)  # the head on the last position only
+        cache = kv_cache or KVCache(
+            self.config, B, longest + max_new_tokens, device, self.transformer.wte.weight.dtype
+        )
+        cache.reserve(
+            longest + max_new_tokens
+        )  # the most this call writes: its decode steps never reallocate
+        hidden, _ = self(
+            idx, attn_mask=real, kv_cache=cache, head=False
+        )  # the head on the last position only
         h = hidden[:, -1].repeat_interleave(num_samples, dim=0)  # (N, C)
         if num_samples > 1:
             cache.repeat_interleave(num_samples)
         cache.static = getattr(self, "decode_step", self.decode) != self.decode
-        if cache.static:  # a captured step reads every slot (masked: 0 x garbage could be NaN) at fixed addresses
-            cache.k[:, :, :, cache.length:] = 0
-            cache.v[:, :, :, cache.length:] = 0
+        if (
+            cache.static
+        ):  # a captured step reads every slot (masked: 0 x garbage could be NaN) at fixed addresses
+            cache.k[:, :, :, cache.length :] = 0
+            cache.v[:, :, :, cache.length :] = 0
             for t in (cache.k, cache.v, cache.valid, cache.n_real, cache.filled):
                 torch._dynamo.mark_static_address(t)
         stops = [torch.tensor(s, device=device) for s in (stop_ids or [])]
@@ -323,14 +408,16 @@ class GPT(nn.Module):
             u = None if temperature == 0 else torch.rand(N, 1, generator=gen, device=device)
             live = (~done).nonzero().squeeze(1)
             nxt = torch.full((N,), eot, dtype=torch.long, device=device)
-            with torch.autocast(device.type, enabled=False):  # fp32 logits, as scoring has: the policy that
-                logits = self.lm_head(h[live])                 # samples is the one scored (README, "On a GPU")
+            with torch.autocast(
+                device.type, enabled=False
+            ):  # fp32 logits, as scoring has: the policy that
+                logits = self.lm_head(h[live])  # samples is the one scored (README, "On a GPU")
             nxt[live] = sample_next(logits, temperature, top_k, None if u is None else u[live])
             out[:, t], mask[:, t] = nxt, ~done
             was_done, done = done, done | (nxt == eot)
             for s in stops:
                 if t + 1 >= len(s):
-                    done = done | (out[:, t + 1 - len(s):t + 1] == s).all(1) & mask[:, t]
+                    done = done | (out[:, t + 1 - len(s) : t + 1] == s).all(1) & mask[:, t]
             if (bool(done.all()) or t == max_new_tokens - 1) and kv_cache is None:
                 break  # nobody will read the cache: the last tokens need not go through the model
             # the token that stopped a row is context for a later turn; filler after it is not
@@ -349,7 +436,11 @@ class GPT(nn.Module):
         folder (config.json + model.safetensors) or a model.safetensors file. No transformers."""
         config, tensors, file = read_gpt2(name_or_path)
         model = cls(GPTConfig(**config))
-        ours = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        ours = {
+            k.removeprefix("transformer."): v
+            for k, v in model.state_dict().items()
+            if k != "lm_head.weight"
+        }
         missing, extra = sorted(set(ours) - set(tensors)), sorted(set(tensors) - set(ours))
         if missing:
             raise UserError(f"{file} has no tensor {missing[0]} (of {len(missing)} missing)")
@@ -359,10 +450,13 @@ class GPT(nn.Module):
             for key, target in ours.items():
                 t = tensors[key].t() if key.endswith(CONV1D_WEIGHTS) else tensors[key]
                 if t.shape != target.shape:
-                    raise UserError(f"tensor {key} in {file} has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(target.shape)}")
+                    raise UserError(
+                        f"tensor {key} in {file} has shape {tuple(t.shape)}, "
+                        f"expected {tuple(target.shape)}"
+                    )
                 target.copy_(t.float())
         return model
+
 
 # --- sampling and log-prob helpers -----------------------------------------------------------
 
@@ -379,7 +473,11 @@ def sample_next(logits, temperature, top_k, u):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     cdf = logits.softmax(-1).cumsum(-1)
     # right=True: token i is drawn when cdf[i-1] <= u < cdf[i], never when its probability is 0
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=logits.size(-1) - 1)
+    return (
+        torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+        .squeeze(1)
+        .clamp(max=logits.size(-1) - 1)
+    )
 
 
 def pad_rows(rows, device, fill=0):
@@ -387,7 +485,7 @@ def pad_rows(rows, device, fill=0):
     in a causal model: real tokens never attend to the pads after them."""
     out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
 
 
@@ -400,20 +498,34 @@ def token_logprobs(model, idx, targets, temperature=1.0, entropy=False):
     hidden, _ = model(idx, head=False)  # through forward, so DDP sees every use of the weights
     keep, weight = targets != -1, getattr(model, "module", model).lm_head.weight
     lp, ent = TargetLogprobs.apply(hidden[keep], weight, targets[keep], temperature or 1.0, entropy)
-    scatter = lambda values: torch.zeros(targets.shape, device=idx.device).masked_scatter(keep, values)
+    scatter = lambda values: torch.zeros(targets.shape, device=idx.device).masked_scatter(
+        keep, values
+    )
     return scatter(lp), scatter(ent) if entropy else None
+
 
 # --- checkpoints: one dict (config, weights, optimizer, step, RNG, tokenizer map, provenance) --
 
 
 def save_checkpoint(path, model, tokenizer, optimizer=None, step=0, extra=None):
     model = getattr(model, "module", model)  # unwrap DDP
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    ckpt = {"config": dataclasses.asdict(model.config), "model": model.state_dict(), "rng": rng, "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None, "tokenizer": tokenizer.state(),
-            "provenance": {"argv": sys.argv, "torch": torch.__version__}, "extra": extra or {}}
+    ckpt = {
+        "config": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+        "rng": rng,
+        "step": step,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "tokenizer": tokenizer.state(),
+        "provenance": {"argv": sys.argv, "torch": torch.__version__},
+        "extra": extra or {},
+    }
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
@@ -440,10 +552,14 @@ def load_state(model, state, source):
         if key not in state:
             raise UserError(f"{source} has no tensor {key} that this model needs")
         if key not in ours:
-            raise UserError(f"{source} has tensor {key}, which this model ({model.config}) does not")
+            raise UserError(
+                f"{source} has tensor {key}, which this model ({model.config}) does not"
+            )
         if ours[key].shape != state[key].shape:
-            raise UserError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, this model "
-                             f"expects {tuple(ours[key].shape)} ({model.config})")
+            raise UserError(
+                f"{source}: tensor {key} has shape {tuple(state[key].shape)}, this model "
+                f"expects {tuple(ours[key].shape)} ({model.config})"
+            )
     model.load_state_dict(state)
 
 
@@ -460,7 +576,7 @@ def load_model(path_or_name, device="cpu"):
 
 @dataclass
 class SampleConfig:
-    init: str = "gpt2"            # a checkpoint .pt, a GPT-2 name, an HF folder or a .safetensors file
+    init: str = "gpt2"  # a checkpoint .pt, a GPT-2 name, an HF folder or a .safetensors file
     prompt: str = "Hello, I'm a language model,"
     num_samples: int = 3
     max_new_tokens: int = 40
@@ -470,18 +586,34 @@ class SampleConfig:
     device: str = "auto"
 
 
-LIMITS = dict(num_samples="[1, inf)", max_new_tokens="[1, inf)", temperature="[0, inf)", top_k="[0, inf)",
-              seed="[0, inf)")
+LIMITS = dict(
+    num_samples="[1, inf)",
+    max_new_tokens="[1, inf)",
+    temperature="[0, inf)",
+    top_k="[0, inf)",
+    seed="[0, inf)",
+)
 
 
 def main(argv):
     cfg = parse_config(SampleConfig(), argv, LIMITS)
     model, tok, ckpt = load_model(cfg.init, pick_device(cfg.device))
     source = f"checkpoint step {ckpt['step']}" if ckpt else "GPT-2 weights"
-    print(f"loaded {cfg.init} ({source}): {model.num_params() / 1e6:.2f}M parameters, {model.config}")
-    text = cfg.prompt.replace("\\n", "\n")  # "\n" typed on the command line; any other text stays as typed
-    tokens, mask = model.generate([tok.encode(text)], cfg.max_new_tokens, num_samples=cfg.num_samples,
-                                  temperature=cfg.temperature, top_k=cfg.top_k or None, seed=cfg.seed, eot=tok.eot)
+    print(
+        f"loaded {cfg.init} ({source}): {model.num_params() / 1e6:.2f}M parameters, {model.config}"
+    )
+    text = cfg.prompt.replace(
+        "\\n", "\n"
+    )  # "\n" typed on the command line; any other text stays as typed
+    tokens, mask = model.generate(
+        [tok.encode(text)],
+        cfg.max_new_tokens,
+        num_samples=cfg.num_samples,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k or None,
+        seed=cfg.seed,
+        eot=tok.eot,
+    )
     for sample in decode_generated(tok, tokens, mask):
         print("-" * 60 + "\n" + text + sample)
 

@@ -39,6 +39,7 @@ block, applied to generate()'s prefill; generated tokens see it through the KV c
 Names: a *linear probe* is a classifier on hidden states; an *EI probe* is a question made by
 Explanatory Inversion (invert.py). This file only has the first kind.
 """
+
 import bisect
 import json
 import os
@@ -49,6 +50,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import matplotlib
+
 matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt
 import torch
@@ -63,37 +65,63 @@ from tokenizer import decode_generated
 
 @dataclass
 class Config:
-    checkpoints: str = ("vanilla=out/default/ckpt/sft_qa.pt,ei_sft=out/default/ckpt/sft_ei.pt,"
-                        "exgrpo=out/default/ckpt/rl_exgrpo.pt")  # [label=]path, comma-separated
-    data: str = "out/default/data"  # a run's data folder (reads {data}/{split}.jsonl) or a .jsonl file
-    split: str = "test_id"          # which split's problems to probe (never the ones the students trained on)
-    world: str = "coin"             # arith | coin | date | swap
-    target: str = "state"          # state (latent state after each event / final) | answer (final answer class)
-    positions: str = "event"       # event | last (last question token) | prompt (last prompt token)
+    checkpoints: str = (
+        "vanilla=out/default/ckpt/sft_qa.pt,ei_sft=out/default/ckpt/sft_ei.pt,"
+        "exgrpo=out/default/ckpt/rl_exgrpo.pt"
+    )  # [label=]path, comma-separated
+    data: str = (
+        "out/default/data"  # a run's data folder (reads {data}/{split}.jsonl) or a .jsonl file
+    )
+    split: str = (
+        "test_id"  # which split's problems to probe (never the ones the students trained on)
+    )
+    world: str = "coin"  # arith | coin | date | swap
+    target: str = (
+        "state"  # state (latent state after each event / final) | answer (final answer class)
+    )
+    positions: str = "event"  # event | last (last question token) | prompt (last prompt token)
     out_dir: str = "out/default/probe"
-    max_problems: int = 1000        # 0 = all problems of the world in the split
-    train_frac: float = 0.7         # fraction of problems (not rows) whose rows train the probe
-    seed: int = 1337                # the split, controls, untrained reference ('init:') and edits: pass the run's seed
+    max_problems: int = 1000  # 0 = all problems of the world in the split
+    train_frac: float = 0.7  # fraction of problems (not rows) whose rows train the probe
+    seed: int = (
+        1337  # the split, controls, untrained reference ('init:') and edits: pass the run's seed
+    )
     batch_size: int = 32
-    iters: int = 500                # full-batch AdamW steps per probe (fixed: no early stopping on test)
-    controls: int = 5               # shuffled-label controls per layer, averaged (one shuffle is noisy)
+    iters: int = 500  # full-batch AdamW steps per probe (fixed: no early stopping on test)
+    controls: int = 5  # shuffled-label controls per layer, averaged (one shuffle is noisy)
     lr: float = 0.01
     weight_decay: float = 0.1
-    intervene: bool = True          # the causal test, where it applies (coin and swap, positions=event, target=state)
-    intervene_layers: str = ""      # hidden layers to edit, comma-separated; "" = 1..n_layer-1 (after the last
-                                    # block an edit at a prompt token reaches no later token)
-    alphas: str = "0,1,2,4,8"       # edit sizes in units of the class-mean gap at that layer
-    intervene_problems: int = 60    # test problems edited (each answered once per layer, alpha and direction)
+    intervene: bool = (
+        True  # the causal test, where it applies (coin and swap, positions=event, target=state)
+    )
+    intervene_layers: str = (
+        ""  # hidden layers to edit, comma-separated; "" = 1..n_layer-1 (after the last
+    )
+    # block an edit at a prompt token reaches no later token)
+    alphas: str = "0,1,2,4,8"  # edit sizes in units of the class-mean gap at that layer
+    intervene_problems: int = (
+        60  # test problems edited (each answered once per layer, alpha and direction)
+    )
     max_new_tokens: int = 64
     device: str = "auto"
-    threads: int = 0                # 0 = torch's default
+    threads: int = 0  # 0 = torch's default
 
 
 POSITIONS, TARGETS = ("event", "last", "prompt"), ("state", "answer")
-LIMITS = dict(target=TARGETS, positions=POSITIONS, train_frac="(0, 1)", lr="(0, inf)",
-              **dict.fromkeys(("batch_size", "iters", "controls", "intervene_problems", "max_new_tokens"), "[1, inf)"),
-              **dict.fromkeys(("max_problems", "seed", "weight_decay", "threads"), "[0, inf)"))
-INTERVENE_WORLDS = ("coin", "swap")  # where a latent state implies one answer (arith's last digit and date's month do not)
+LIMITS = dict(
+    target=TARGETS,
+    positions=POSITIONS,
+    train_frac="(0, 1)",
+    lr="(0, inf)",
+    **dict.fromkeys(
+        ("batch_size", "iters", "controls", "intervene_problems", "max_new_tokens"), "[1, inf)"
+    ),
+    **dict.fromkeys(("max_problems", "seed", "weight_decay", "threads"), "[0, inf)"),
+)
+INTERVENE_WORLDS = (
+    "coin",
+    "swap",
+)  # where a latent state implies one answer (arith's last digit and date's month do not)
 
 # ---------------------------------------------------------------------------------------------
 # which token, which label
@@ -102,7 +130,7 @@ INTERVENE_WORLDS = ("coin", "swap")  # where a latent state implies one answer (
 def token_char_ends(tok, ids):
     """ends[j] = characters of text covered by tokens 0..j. Decoding prefixes (not single tokens)
     stays exact even where one character spans two tokens."""
-    return [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]
+    return [len(tok.decode(ids[: j + 1])) for j in range(len(ids))]
 
 
 def probe_rows(tok, record, positions, target):
@@ -111,11 +139,15 @@ def probe_rows(tok, record, positions, target):
     next character the token also sees a little of what follows, which we count, not hide."""
     latent = record.get("latent")
     if not latent:
-        raise SystemExit(f"record {record['id']} has no latent states: linear probes need the latent field "
-                         f"that invert.py writes for worlds.py's worlds")
+        raise SystemExit(
+            f"record {record['id']} has no latent states: linear probes need the latent field "
+            f"that invert.py writes for worlds.py's worlds"
+        )
     states, ends = latent["states"], latent["event_ends"]
     if len(states) != len(ends) + 1:
-        raise SystemExit(f"record {record['id']}: {len(states)} latent states for {len(ends)} events (want events + 1)")
+        raise SystemExit(
+            f"record {record['id']}: {len(states)} latent states for {len(ends)} events (want events + 1)"
+        )
     ids = prompt_ids(tok, record["question"])
     char_ends = token_char_ends(tok, ids)
     q0 = tok.decode(ids).index(record["question"])  # where the question starts inside the prompt
@@ -141,8 +173,10 @@ def control_types(record, positions):
     q, ends = record["question"], record["latent"]["event_ends"]
     types = []
     for end in ends:
-        start = q.rfind(". ", 0, end - 1)  # where the sentence before ends; -1: the event opens the question
-        sentence = q[start + 2 if start >= 0 else 0:end]
+        start = q.rfind(
+            ". ", 0, end - 1
+        )  # where the sentence before ends; -1: the event opens the question
+        sentence = q[start + 2 if start >= 0 else 0 : end]
         types.append(sentence.split()[0] if record["world"] in ("coin", "swap") else sentence)
     return types if positions == "event" else types[-1:]
 
@@ -173,14 +207,17 @@ def collect_hidden(model, seqs, rows, batch_size, device):
     for r, (s, t) in enumerate(rows):
         by_seq.setdefault(s, []).append((r, t))
     for start in tqdm(range(0, len(seqs), batch_size), desc="activations", leave=False):
-        batch = seqs[start:start + batch_size]
-        _, _, hidden = model(pad_rows(batch, device), return_hidden=True, head=False)  # no (B, T, V) logits
+        batch = seqs[start : start + batch_size]
+        _, _, hidden = model(
+            pad_rows(batch, device), return_hidden=True, head=False
+        )  # no (B, T, V) logits
         hidden = torch.stack(hidden)  # (L+1, B, T, C)
         picks = [(r, b, t) for b in range(len(batch)) for r, t in by_seq.get(start + b, [])]
         if picks:
             r, b, t = (torch.tensor(x) for x in zip(*picks))
             out[:, r] = hidden[:, b.to(device), t.to(device)].float().cpu()
     return out
+
 
 # ---------------------------------------------------------------------------------------------
 # the probes (torch only): logistic regression, mean difference, controls
@@ -220,7 +257,9 @@ def probe_layer(x_train, y_train, x_test, y_test, n_classes, cfg, seed, control)
     x_train, x_test = standardise(x_train, x_test)
     acc = lambda predict, x, y: (predict(x) == y).float().mean().item()
     linear = fit_linear_probe(x_train, y_train, n_classes, cfg.iters, cfg.lr, cfg.weight_decay)
-    control_task = fit_linear_probe(x_train, control[0], n_classes, cfg.iters, cfg.lr, cfg.weight_decay)
+    control_task = fit_linear_probe(
+        x_train, control[0], n_classes, cfg.iters, cfg.lr, cfg.weight_decay
+    )
     mean_diff = fit_mean_difference(x_train, y_train, n_classes)
     # control: the same probe on train labels shuffled across rows, scored on the true test labels.
     # Averaged over shuffles: where features take few distinct values (layer 0 is token + position)
@@ -232,10 +271,15 @@ def probe_layer(x_train, y_train, x_test, y_test, n_classes, cfg, seed, control)
         controls.append(acc(fit, x_test, y_test))
     controls, task = torch.tensor(controls), acc(linear, x_test, y_test)
     control_task_acc = acc(control_task, x_test, control[1])
-    return {"lr_acc": task, "lr_train_acc": acc(linear, x_train, y_train),
-            "mm_acc": acc(mean_diff, x_test, y_test), "control_acc": controls.mean().item(),
-            "control_std": controls.std(correction=0).item(), "control_task_acc": control_task_acc,
-            "selectivity": task - control_task_acc}
+    return {
+        "lr_acc": task,
+        "lr_train_acc": acc(linear, x_train, y_train),
+        "mm_acc": acc(mean_diff, x_test, y_test),
+        "control_acc": controls.mean().item(),
+        "control_std": controls.std(correction=0).item(),
+        "control_task_acc": control_task_acc,
+        "selectivity": task - control_task_acc,
+    }
 
 
 def split_by_problem(problem_of_row, train_frac, seed):
@@ -243,7 +287,7 @@ def split_by_problem(problem_of_row, train_frac, seed):
     (which share a question prefix) never sit on both."""
     problems = sorted(set(problem_of_row))
     perm = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed)).tolist()
-    train = {problems[i] for i in perm[:round(train_frac * len(problems))]}
+    train = {problems[i] for i in perm[: round(train_frac * len(problems))]}
     return torch.tensor([p in train for p in problem_of_row])
 
 
@@ -251,6 +295,7 @@ def encode_labels(labels, train_mask):
     classes = sorted({l for l, m in zip(labels, train_mask.tolist()) if m})
     index = {c: i for i, c in enumerate(classes)}
     return torch.tensor([index.get(l, -1) for l in labels]), classes
+
 
 # ---------------------------------------------------------------------------------------------
 # the causal test: push the residual stream toward the other state, see whether the answer follows
@@ -266,7 +311,11 @@ def implied_answer(record, state):
 def other_state(record, state, classes, rng):
     """The state the edit pushes toward: coin the other side, swap another option of the problem
     (one the probe's train rows have seen, so that it has a class mean)."""
-    options = ["heads", "tails"] if record["world"] == "coin" else re.findall(r"\([A-Z]\) (\w+)", record["question"])
+    options = (
+        ["heads", "tails"]
+        if record["world"] == "coin"
+        else re.findall(r"\([A-Z]\) (\w+)", record["question"])
+    )
     return rng.choice(sorted(o for o in options if o != state and o in classes))
 
 
@@ -281,8 +330,16 @@ def intervention_cases(records, seqs, rows, y, classes, train, limit, seed):
     for i in sorted(last.values())[:limit]:
         s, t = rows[i]
         target = other_state(records[s], classes[y[i]], classes, rng)
-        cases.append({"record": records[s], "prompt": seqs[s], "token": t, "state": int(y[i]),
-                      "target": classes.index(target), "implied": implied_answer(records[s], target)})
+        cases.append(
+            {
+                "record": records[s],
+                "prompt": seqs[s],
+                "token": t,
+                "state": int(y[i]),
+                "target": classes.index(target),
+                "implied": implied_answer(records[s], target),
+            }
+        )
     return cases
 
 
@@ -301,8 +358,10 @@ def residual_edit(model, layer, positions, delta):
         if calls > 1:
             return None
         if out.size(1) <= int(positions.max()):
-            raise RuntimeError("generate() no longer prefills the left-padded prompts in one call; "
-                               "residual_edit must learn where the prompt tokens are")
+            raise RuntimeError(
+                "generate() no longer prefills the left-padded prompts in one call; "
+                "residual_edit must learn where the prompt tokens are"
+            )
         out = out.clone()
         rows = torch.arange(out.size(0), device=out.device)
         out[rows, positions.to(out.device)] += delta.to(out.device, out.dtype)
@@ -320,7 +379,9 @@ def answers_under_edit(model, tok, cases, max_new_tokens, layer=None, delta=None
     delta is None."""
     prompts = [c["prompt"] for c in cases]
     longest = max(map(len, prompts))
-    positions = torch.tensor([longest - len(p) + c["token"] for p, c in zip(prompts, cases)])  # generate left-pads
+    positions = torch.tensor(
+        [longest - len(p) + c["token"] for p, c in zip(prompts, cases)]
+    )  # generate left-pads
     with nullcontext() if delta is None else residual_edit(model, layer, positions, delta):
         tokens, mask = model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot)
     return decode_generated(tok, tokens, mask)
@@ -328,7 +389,10 @@ def answers_under_edit(model, tok, cases, max_new_tokens, layer=None, delta=None
 
 def count_flips(cases, texts):
     """(share whose final answer is the one the target state implies, share with any final answer)"""
-    flips = [is_correct(c["record"]["world"], t, c["implied"], c["record"]["question"]) for c, t in zip(cases, texts)]
+    flips = [
+        is_correct(c["record"]["world"], t, c["implied"], c["record"]["question"])
+        for c, t in zip(cases, texts)
+    ]
     answered = ["The answer is" in t for t in texts]
     return sum(flips) / len(cases), sum(answered) / len(cases)
 
@@ -336,22 +400,39 @@ def count_flips(cases, texts):
 def intervene(model, tok, cases, x_train, y_train, layers, alphas, seed, max_new_tokens):
     """Flip rates per layer and alpha, toward the other state and along random directions of the
     same norm (one per case). x_train[l] (N, C): the probe's train rows at hidden layer l."""
-    plain = count_flips(cases, answers_under_edit(model, tok, cases, max_new_tokens))  # alpha = 0: no hook at all
+    plain = count_flips(
+        cases, answers_under_edit(model, tok, cases, max_new_tokens)
+    )  # alpha = 0: no hook at all
     g = torch.Generator().manual_seed(seed)
-    state, target = torch.tensor([c["state"] for c in cases]), torch.tensor([c["target"] for c in cases])
+    state, target = (
+        torch.tensor([c["state"] for c in cases]),
+        torch.tensor([c["target"] for c in cases]),
+    )
     out = {"toward": [], "random": [], "answered": []}
     for layer in tqdm(layers, desc="interventions", leave=False):
-        means = torch.stack([x_train[layer][y_train == k].mean(0) for k in range(int(y_train.max()) + 1)])
-        toward = means[target] - means[state]  # (B, C): alpha = 1 moves the state's mean onto the target's
+        means = torch.stack(
+            [x_train[layer][y_train == k].mean(0) for k in range(int(y_train.max()) + 1)]
+        )
+        toward = (
+            means[target] - means[state]
+        )  # (B, C): alpha = 1 moves the state's mean onto the target's
         rand = torch.randn(toward.shape, generator=g)
         rand *= toward.norm(dim=1, keepdim=True) / rand.norm(dim=1, keepdim=True)
         for name, direction in (("toward", toward), ("random", rand)):
-            rates = [count_flips(cases, answers_under_edit(model, tok, cases, max_new_tokens, layer, a * direction))
-                     if a else plain for a in alphas]
+            rates = [
+                count_flips(
+                    cases,
+                    answers_under_edit(model, tok, cases, max_new_tokens, layer, a * direction),
+                )
+                if a
+                else plain
+                for a in alphas
+            ]
             out[name].append([f for f, _ in rates])
             if name == "toward":
                 out["answered"].append([a for _, a in rates])
     return out
+
 
 # ---------------------------------------------------------------------------------------------
 # the pipeline
@@ -374,8 +455,10 @@ def select_records(cfg):
     worlds = sorted({r["world"] for r in records})
     records = [r for r in records if r["world"] == cfg.world]
     if not records:
-        raise SystemExit(f"{path} has no problems of world {cfg.world!r} (it has {', '.join(worlds)})")
-    return path, records[:cfg.max_problems or None]
+        raise SystemExit(
+            f"{path} has no problems of world {cfg.world!r} (it has {', '.join(worlds)})"
+        )
+    return path, records[: cfg.max_problems or None]
 
 
 def tokenised_rows(tok, records, cfg, ckpt, path):
@@ -385,8 +468,10 @@ def tokenised_rows(tok, records, cfg, ckpt, path):
         try:
             ids, pos, m = probe_rows(tok, r, cfg.positions, cfg.target)
         except ValueError as e:  # CompactTokenizer meets a token it was not built with
-            raise SystemExit(f"checkpoint {ckpt} cannot encode the questions of {path} ({e}); "
-                             f"probe a checkpoint with data from its own run") from None
+            raise SystemExit(
+                f"checkpoint {ckpt} cannot encode the questions of {path} ({e}); "
+                f"probe a checkpoint with data from its own run"
+            ) from None
         rows += [(len(seqs), t) for t, _ in pos]
         labels += [y for _, y in pos]
         types += control_types(r, cfg.positions)
@@ -408,24 +493,39 @@ def split_and_labels(result, labels, types, problems, cfg):
     """Train mask, task labels and control-task labels (class indices); fills the result's header."""
     train = split_by_problem(problems, cfg.train_frac, cfg.seed)
     if train.all() or not train.any():
-        raise SystemExit(f"{len(set(problems))} problems cannot be split into train and test: probe more")
+        raise SystemExit(
+            f"{len(set(problems))} problems cannot be split into train and test: probe more"
+        )
     y, classes = encode_labels(labels, train)
     y_control, _ = encode_labels(control_labels(types, labels, cfg.seed), train)
     majority = torch.bincount(y[train], minlength=len(classes)).argmax()
-    result.update(classes=classes, rows=len(labels), train_rows=int(train.sum()), test_rows=int((~train).sum()),
-                  train_problems=len({p for p, m in zip(problems, train) if m}),
-                  test_problems=len({p for p, m in zip(problems, train) if not m}),
-                  control_types=len(set(types)), majority_acc=(y[~train] == majority).float().mean().item())
+    result.update(
+        classes=classes,
+        rows=len(labels),
+        train_rows=int(train.sum()),
+        test_rows=int((~train).sum()),
+        train_problems=len({p for p, m in zip(problems, train) if m}),
+        test_problems=len({p for p, m in zip(problems, train) if not m}),
+        control_types=len(set(types)),
+        majority_acc=(y[~train] == majority).float().mean().item(),
+    )
     return train, y, y_control, classes
 
 
 def edit_plan(cfg, n_layer):
     """(layers, alphas) of the causal test, or None where it does not apply."""
-    if not (cfg.intervene and cfg.world in INTERVENE_WORLDS and cfg.positions == "event" and cfg.target == "state"):
+    if not (
+        cfg.intervene
+        and cfg.world in INTERVENE_WORLDS
+        and cfg.positions == "event"
+        and cfg.target == "state"
+    ):
         return None
     layers = [int(l) for l in cfg.intervene_layers.split(",") if l] or list(range(1, n_layer))
     if not all(0 <= l <= n_layer for l in layers):
-        raise SystemExit(f"intervene_layers must lie in 0..{n_layer} (0 = embeddings), got {cfg.intervene_layers}")
+        raise SystemExit(
+            f"intervene_layers must lie in 0..{n_layer} (0 = embeddings), got {cfg.intervene_layers}"
+        )
     return layers, [float(a) for a in cfg.alphas.split(",")]
 
 
@@ -434,28 +534,64 @@ def run_probes(cfg, checkpoints, path, records):
     if cfg.positions not in POSITIONS or cfg.target not in TARGETS:
         raise SystemExit(f"positions must be one of {POSITIONS} and target one of {TARGETS}")
     device = pick_device(cfg.device)
-    result = {"world": cfg.world, "target": cfg.target, "positions": cfg.positions, "data": path,
-              "latent": records[0]["latent"]["name"], "config": asdict(cfg), "checkpoints": {}}
+    result = {
+        "world": cfg.world,
+        "target": cfg.target,
+        "positions": cfg.positions,
+        "data": path,
+        "latent": records[0]["latent"]["name"],
+        "config": asdict(cfg),
+        "checkpoints": {},
+    }
     for label, ckpt in checkpoints:
         model, tok, _ = load_model(ckpt.removeprefix("init:"), device)
         if ckpt.startswith("init:"):
             model = untrained(model.config, cfg.seed, device)
         seqs, rows, labels, types, problems, merged = tokenised_rows(tok, records, cfg, ckpt, path)
-        if "classes" not in result:  # labels and problems depend on the records only: one split for all
+        if (
+            "classes" not in result
+        ):  # labels and problems depend on the records only: one split for all
             train, y, y_control, classes = split_and_labels(result, labels, types, problems, cfg)
         feats = collect_hidden(model, seqs, rows, cfg.batch_size, device)
-        layers = [probe_layer(f[train], y[train], f[~train], y[~train], len(classes), cfg, cfg.seed + l,
-                              control=(y_control[train], y_control[~train]))
-                  for l, f in enumerate(tqdm(feats, desc=f"probes {label}", leave=False))]
-        entry = result["checkpoints"][label] = {"path": ckpt, "merged_positions": merged,
-                                                **{k: [d[k] for d in layers] for k in layers[0]}}
+        layers = [
+            probe_layer(
+                f[train],
+                y[train],
+                f[~train],
+                y[~train],
+                len(classes),
+                cfg,
+                cfg.seed + l,
+                control=(y_control[train], y_control[~train]),
+            )
+            for l, f in enumerate(tqdm(feats, desc=f"probes {label}", leave=False))
+        ]
+        entry = result["checkpoints"][label] = {
+            "path": ckpt,
+            "merged_positions": merged,
+            **{k: [d[k] for d in layers] for k in layers[0]},
+        }
         plan = edit_plan(cfg, model.config.n_layer)
         if plan:
-            cases = intervention_cases(records, seqs, rows, y, classes, train, cfg.intervene_problems, cfg.seed)
-            entry["intervention"] = intervene(model.eval(), tok, cases, feats[:, train], y[train], *plan, cfg.seed,
-                                              cfg.max_new_tokens)
-            result["intervention"] = {"layers": plan[0], "alphas": plan[1], "problems": len(cases),
-                                      "position": "the last event's token of each test problem"}
+            cases = intervention_cases(
+                records, seqs, rows, y, classes, train, cfg.intervene_problems, cfg.seed
+            )
+            entry["intervention"] = intervene(
+                model.eval(),
+                tok,
+                cases,
+                feats[:, train],
+                y[train],
+                *plan,
+                cfg.seed,
+                cfg.max_new_tokens,
+            )
+            result["intervention"] = {
+                "layers": plan[0],
+                "alphas": plan[1],
+                "problems": len(cases),
+                "position": "the last event's token of each test problem",
+            }
     return result
 
 
@@ -470,10 +606,16 @@ def plot(result, stem):
         ax.plot(x, r["control_acc"], ":", color=color, label=f"{label}: shuffled labels")
         sel.plot(x, r["selectivity"], "-o", color=color, label=label)
     ax.axhline(result["majority_acc"], color="grey", linestyle=":", label="majority baseline")
-    ax.set(xlabel="layer (0 = embeddings)", ylabel="test accuracy", ylim=(0, 1.02),
-           title=f"{result['world']}: {result['target']} at {result['positions']} positions")
+    ax.set(
+        xlabel="layer (0 = embeddings)",
+        ylabel="test accuracy",
+        ylim=(0, 1.02),
+        title=f"{result['world']}: {result['target']} at {result['positions']} positions",
+    )
     sel.axhline(0, color="grey", linewidth=0.8)
-    sel.set(xlabel="layer (0 = embeddings)", ylabel="probe - control task accuracy", title="selectivity")
+    sel.set(
+        xlabel="layer (0 = embeddings)", ylabel="probe - control task accuracy", title="selectivity"
+    )
     for a in (ax, sel):
         a.xaxis.get_major_locator().set_params(integer=True)
         a.legend(fontsize=7)
@@ -484,15 +626,31 @@ def plot(result, stem):
 
 def plot_intervention(result, path):
     plan, ckpts = result["intervention"], result["checkpoints"]
-    fig, axes = plt.subplots(1, len(ckpts), figsize=(3.4 * len(ckpts), 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(ckpts), figsize=(3.4 * len(ckpts), 3.4), sharey=True, squeeze=False
+    )
     for ax, (label, r) in zip(axes[0], ckpts.items()):
         for j, layer in enumerate(plan["layers"]):
-            ax.plot(plan["alphas"], r["intervention"]["toward"][j], "-o", color=f"C{j}", label=f"layer {layer}")
-            ax.plot(plan["alphas"], r["intervention"]["random"][j], "--", color=f"C{j}", label=f"layer {layer}, random")
+            ax.plot(
+                plan["alphas"],
+                r["intervention"]["toward"][j],
+                "-o",
+                color=f"C{j}",
+                label=f"layer {layer}",
+            )
+            ax.plot(
+                plan["alphas"],
+                r["intervention"]["random"][j],
+                "--",
+                color=f"C{j}",
+                label=f"layer {layer}, random",
+            )
         ax.set(title=label, xlabel="alpha (class-mean gaps)", ylim=(-0.02, 1.02))
     axes[0][0].set_ylabel("flip rate (answer of the other state)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{result['world']}: edit toward the other state at the last event ({plan['problems']} problems)")
+    fig.suptitle(
+        f"{result['world']}: edit toward the other state at the last event ({plan['problems']} problems)"
+    )
     save(fig, path)
 
 
@@ -508,7 +666,9 @@ def check_lists(cfg):
         try:
             [kind(x) for x in getattr(cfg, key).split(",") if x]
         except ValueError:
-            raise SystemExit(f"--{key}={getattr(cfg, key)} must be comma-separated {kind.__name__}s") from None
+            raise SystemExit(
+                f"--{key}={getattr(cfg, key)} must be comma-separated {kind.__name__}s"
+            ) from None
 
 
 def main(argv):
@@ -521,13 +681,27 @@ def main(argv):
     stem = os.path.join(cfg.out_dir, f"probe_{cfg.world}_{cfg.target}_{cfg.positions}")
     atomic_write(stem + ".json", json.dumps(result, indent=1))
     plot(result, stem)
-    print(f"majority baseline {result['majority_acc']:.3f} ({result['test_rows']} test rows, "
-          f"{result['test_problems']} problems); wrote {stem}*.json and .png")
+    print(
+        f"majority baseline {result['majority_acc']:.3f} ({result['test_rows']} test rows, "
+        f"{result['test_problems']} problems); wrote {stem}*.json and .png"
+    )
     for label, r in result["checkpoints"].items():
-        for name, key in (("linear probe", "lr_acc"), ("shuffled", "control_acc"), ("selectivity", "selectivity")):
-            print(f"{label if key == 'lr_acc' else '':>10}  {name:<12} " + " ".join(f"{a:.2f}" for a in r[key]))
-        for kind, rates in r.get("intervention", {}).items():  # per edited layer, one rate per alpha
-            print(f"{'':>10}  flips {kind:<6} " + " | ".join(" ".join(f"{a:.2f}" for a in layer) for layer in rates))
+        for name, key in (
+            ("linear probe", "lr_acc"),
+            ("shuffled", "control_acc"),
+            ("selectivity", "selectivity"),
+        ):
+            print(
+                f"{label if key == 'lr_acc' else '':>10}  {name:<12} "
+                + " ".join(f"{a:.2f}" for a in r[key])
+            )
+        for kind, rates in r.get(
+            "intervention", {}
+        ).items():  # per edited layer, one rate per alpha
+            print(
+                f"{'':>10}  flips {kind:<6} "
+                + " | ".join(" ".join(f"{a:.2f}" for a in layer) for layer in rates)
+            )
 
 
 if __name__ == "__main__":

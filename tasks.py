@@ -6,6 +6,7 @@ The EI rules are functions over the structured problem (worlds.py), so every EI 
 exact rationale and answer; a rule that does not fit a problem returns None. Probe questions restate
 the story, because the student sees them alone.
 """
+
 import json
 import os
 import random
@@ -14,11 +15,23 @@ from dataclasses import asdict, dataclass, replace
 
 from model import pad_rows
 from tokenizer import decode_generated
-from worlds import (FACTS, ORD, WORLDS, after, chain, explain, layout, make_facts, query,
-                    question, solve, story)
-
+from worlds import (
+    FACTS,
+    ORD,
+    WORLDS,
+    after,
+    chain,
+    explain,
+    layout,
+    make_facts,
+    query,
+    question,
+    solve,
+    story,
+)
 
 # ---- the EI rules: (forward problem, rng) -> Probe or None ----
+
 
 @dataclass
 class Probe:
@@ -30,19 +43,26 @@ class Probe:
 
 def about(p, rule, tail, body, ans):
     """A probe that restates p's story, then asks tail; its rationale is body, then the answer."""
-    return Probe(rule, f'{story(p)} {tail}', f'{body} The answer is {ans}.', ans)
+    return Probe(rule, f"{story(p)} {tail}", f"{body} The answer is {ans}.", ans)
 
 
 def counterfactual(p, rng):
     got = WORLDS[p.world].perturb(p, rng)
-    return got and Probe('counterfactual', f'{story(p)} Suppose instead: {got[1]} {query(p)}', *solve(got[0]))
+    return got and Probe(
+        "counterfactual", f"{story(p)} Suppose instead: {got[1]} {query(p)}", *solve(got[0])
+    )
 
 
 def step_challenge(p, rng):
     w, i = WORLDS[p.world], rng.randrange(len(p.events))
     got = w.effect(p, p.events[i])
-    return got and about(p, 'step_challenge', f'Consider the event: {w.event_text(p, p.events[i], p.tpl[i + 1])} '
-                         f'{got[0]}', got[1], got[2])
+    return got and about(
+        p,
+        "step_challenge",
+        f"Consider the event: {w.event_text(p, p.events[i], p.tpl[i + 1])} {got[0]}",
+        got[1],
+        got[2],
+    )
 
 
 def decompose(p, rng):
@@ -51,7 +71,7 @@ def decompose(p, rng):
         return None
     i, states = rng.randint(1, n - 1), chain(p)
     steps = explain(p, states, p.events, i) + w.conclusion(p, states[i], False)
-    return about(p, 'decompose', w.ask(p, after(i, n)), ' '.join(steps), w.answer(p, states[i]))
+    return about(p, "decompose", w.ask(p, after(i, n)), " ".join(steps), w.answer(p, states[i]))
 
 
 def verify(p, rng):
@@ -60,37 +80,55 @@ def verify(p, rng):
     true = w.value(p, states[i])
     said = true if rng.random() < 0.5 else w.wrong(p, states[i], rng)
     steps = explain(p, states, p.events, i) + [f"{true} is {'' if said == true else 'not '}{said}."]
-    return about(p, 'verify', f'Is it true that {w.claim(p, said)} {after(i, n)}?', ' '.join(steps),
-                 'yes' if said == true else 'no')
+    return about(
+        p,
+        "verify",
+        f"Is it true that {w.claim(p, said)} {after(i, n)}?",
+        " ".join(steps),
+        "yes" if said == true else "no",
+    )
 
 
 def cause(p, rng):
     got = WORLDS[p.world].cause(p, chain(p))
-    return got and about(p, 'cause', *got)
+    return got and about(p, "cause", *got)
 
 
 def compare(p, rng):
-    return about(p, 'compare', *WORLDS[p.world].compare(p, chain(p)))
+    return about(p, "compare", *WORLDS[p.world].compare(p, chain(p)))
 
 
 def hypothesis(p, rng):
     w, n = WORLDS[p.world], len(p.events)
-    ok = [i for i in range(n) if chain(p, p.events[:i] + p.events[i + 1:])]
+    ok = [i for i in range(n) if chain(p, p.events[:i] + p.events[i + 1 :])]
     if not ok:
         return None
     i = rng.choice(ok)
-    events = p.events[:i] + p.events[i + 1:]
+    events = p.events[:i] + p.events[i + 1 :]
     old, new = w.value(p, chain(p)[-1]), w.value(p, chain(p, events)[-1])
-    steps = [f'Without the {ORD[i]} event:'] + explain(p, chain(p, events), events) + [
-        f"{new} is {'' if old == new else 'not '}{old}."]
-    return about(p, 'hypothesis', f'Skip the {ORD[i]} event. Is it still true that {w.claim(p, old)} at the end?',
-                 ' '.join(steps), 'yes' if old == new else 'no')
+    steps = (
+        [f"Without the {ORD[i]} event:"]
+        + explain(p, chain(p, events), events)
+        + [f"{new} is {'' if old == new else 'not '}{old}."]
+    )
+    return about(
+        p,
+        "hypothesis",
+        f"Skip the {ORD[i]} event. Is it still true that {w.claim(p, old)} at the end?",
+        " ".join(steps),
+        "yes" if old == new else "no",
+    )
 
 
 def process(p, rng):
     w, states = WORLDS[p.world], chain(p)
-    return about(p, 'process', f'List {w.what(p)} after each event.', ' '.join(explain(p, states, p.events)),
-                 ', '.join(w.value(p, s) for s in states[1:]))
+    return about(
+        p,
+        "process",
+        f"List {w.what(p)} after each event.",
+        " ".join(explain(p, states, p.events)),
+        ", ".join(w.value(p, s) for s in states[1:]),
+    )
 
 
 def premise(p, rng):
@@ -99,11 +137,16 @@ def premise(p, rng):
         return None
     kind, used, target = got
     _, t, name, n, item = p.facts[0]
-    unused = str(n) if kind == 'number' else name
+    unused = str(n) if kind == "number" else name
     a, b = rng.sample([unused, used], 2)
     fact = FACTS[t].format(name=name, n=n, item=item)[:-1]
-    return about(p, 'premise', f'Which {kind} does not affect {target}: {a} or {b}?',
-                 f'The fact that {fact} is not used.', unused)
+    return about(
+        p,
+        "premise",
+        f"Which {kind} does not affect {target}: {a} or {b}?",
+        f"The fact that {fact} is not used.",
+        unused,
+    )
 
 
 def analogy(p, rng):
@@ -111,20 +154,44 @@ def analogy(p, rng):
     if alt is None:
         return None
     alt.facts = make_facts(replace(alt, facts=[]), rng, [f[0] for f in p.facts])
-    return Probe('analogy', question(alt), *solve(alt))
+    return Probe("analogy", question(alt), *solve(alt))
 
 
 def inverse(p, rng):
     """Off by default: RevThink's backward question, the exact format of ood_reverse."""
     back = replace(p, reverse=True)
-    return Probe('inverse', question(back), *solve(back))
+    return Probe("inverse", question(back), *solve(back))
 
 
 # every rule but inverse, which asks ood_reverse's exact question
-DEFAULT_RULES = ('counterfactual', 'step_challenge', 'decompose', 'verify', 'cause', 'compare',
-                 'hypothesis', 'process', 'premise', 'analogy')
-EI_RULES = {f.__name__: f for f in (counterfactual, step_challenge, decompose, verify, cause, compare,
-                                    hypothesis, process, premise, analogy, inverse)}
+DEFAULT_RULES = (
+    "counterfactual",
+    "step_challenge",
+    "decompose",
+    "verify",
+    "cause",
+    "compare",
+    "hypothesis",
+    "process",
+    "premise",
+    "analogy",
+)
+EI_RULES = {
+    f.__name__: f
+    for f in (
+        counterfactual,
+        step_challenge,
+        decompose,
+        verify,
+        cause,
+        compare,
+        hypothesis,
+        process,
+        premise,
+        analogy,
+        inverse,
+    )
+}
 
 
 def ei_probes(p, rules=DEFAULT_RULES, seed=0):
@@ -132,7 +199,7 @@ def ei_probes(p, rules=DEFAULT_RULES, seed=0):
     the forward problem, so an ood_reverse problem gets the same kind of probes as any other."""
     fwd, out = replace(p, reverse=False), []
     for name in rules:
-        probe = EI_RULES[name](fwd, random.Random(f'{seed}|{p.id}|{name}'))
+        probe = EI_RULES[name](fwd, random.Random(f"{seed}|{p.id}|{name}"))
         if probe and probe.question != question(p):
             out.append(probe)
     return out
@@ -146,10 +213,21 @@ def to_record(p, probes=()):
     Latents: arith the count's last digit, coin the side up, light the colour, date the month, swap
     what the queried person holds (the variable the answer reads out)."""
     w, (q, ends, qstart), (rationale, answer) = WORLDS[p.world], layout(p), solve(p)
-    return {'id': p.id, 'world': p.world, 'split': p.split, 'question': q, 'answer': answer, 'rationale': rationale,
-            'latent': {'name': w.latent_name, 'states': [w.latent(p, s) for s in chain(p)],
-                       'event_ends': ends, 'query_start': qstart},
-            'probes': [asdict(pr) for pr in probes]}
+    return {
+        "id": p.id,
+        "world": p.world,
+        "split": p.split,
+        "question": q,
+        "answer": answer,
+        "rationale": rationale,
+        "latent": {
+            "name": w.latent_name,
+            "states": [w.latent(p, s) for s in chain(p)],
+            "event_ends": ends,
+            "query_start": qstart,
+        },
+        "probes": [asdict(pr) for pr in probes],
+    }
 
 
 class OracleTeacher:
@@ -159,21 +237,28 @@ class OracleTeacher:
     def __init__(self, records):
         self.known = {}
         for r in records:
-            self.known[r['question']] = r['rationale']
-            self.known.update((pr['question'], pr['rationale']) for pr in r['probes'])
+            self.known[r["question"]] = r["rationale"]
+            self.known.update((pr["question"], pr["rationale"]) for pr in r["probes"])
 
     def respond(self, dialogues):
         """dialogues: [(turns [(question, response)], question)] -> [response]."""
         missing = [q for _, q in dialogues if q not in self.known]
         if missing:
-            raise ValueError(f'the oracle teacher only answers the generated questions, not {missing[0]!r}')
+            raise ValueError(
+                f"the oracle teacher only answers the generated questions, not {missing[0]!r}"
+            )
         return [self.known[q] for _, q in dialogues]
 
 
 # ---- prompt format (every stage) and answer checking ----
 
-def prompt_ids(tok, question): return tok.encode('Q: ' + question + '\nA:')
-def response_ids(tok, response): return tok.encode(' ' + response) + [tok.eot]
+
+def prompt_ids(tok, question):
+    return tok.encode("Q: " + question + "\nA:")
+
+
+def response_ids(tok, response):
+    return tok.encode(" " + response) + [tok.eot]
 
 
 def dialogue_ids(tok, turns, question):
@@ -186,14 +271,14 @@ def dialogue_ids(tok, turns, question):
 
 def extract_answer(text):
     """X of the last "The answer is X." in text, or None."""
-    found = re.findall(r'The answer is ([^.\n]*)', text)
+    found = re.findall(r"The answer is ([^.\n]*)", text)
     return (found[-1].strip() or None) if found else None
 
 
 def normalise(x):
-    x = re.sub(r'\s+', ' ', x.strip().rstrip('.').strip().lower())
-    x = re.sub(r'\s*,\s*', ', ', re.sub(r'^\((\w)\)$', r'\1', x))
-    return re.sub(r'\b0+(?=\d)', '', x)  # "07" -> "7", "march 05" -> "march 5"
+    x = re.sub(r"\s+", " ", x.strip().rstrip(".").strip().lower())
+    x = re.sub(r"\s*,\s*", ", ", re.sub(r"^\((\w)\)$", r"\1", x))
+    return re.sub(r"\b0+(?=\d)", "", x)  # "07" -> "7", "march 05" -> "march 5"
 
 
 def is_correct(world, text, gold, question=None):
@@ -203,44 +288,64 @@ def is_correct(world, text, gold, question=None):
     if pred is None:
         return False
     pred, gold = normalise(pred), normalise(gold)
-    if world == 'swap' and question:
-        letter = {o.lower(): L.lower() for L, o in re.findall(r'\(([A-Z])\) (\w+)', question)}
+    if world == "swap" and question:
+        letter = {o.lower(): L.lower() for L, o in re.findall(r"\(([A-Z])\) (\w+)", question)}
         pred, gold = letter.get(pred, pred), letter.get(gold, gold)
     return pred == gold
 
 
 # ---- records on disk (invert.py writes them; every later stage reads them with load_records) ----
 
+
 def check_record(r, where, rationale=True):
     """Fill a user's record up to our schema; stop with where (file:line) and what was expected. With
     rationale=False a record may leave its rationale out (None: an LLM teacher writes it, invert.py)."""
     if not isinstance(r, dict):
-        raise SystemExit(f'{where}: expected a JSON object with question, answer, rationale, got {type(r).__name__}')
-    fields = (('question', str, None), ('answer', str, None), ('rationale', str, None), ('probes', list, []),
-              ('id', str, where), ('world', str, 'user'), ('split', str, 'train'))
+        raise SystemExit(
+            f"{where}: expected a JSON object with question, answer, rationale, got {type(r).__name__}"
+        )
+    fields = (
+        ("question", str, None),
+        ("answer", str, None),
+        ("rationale", str, None),
+        ("probes", list, []),
+        ("id", str, where),
+        ("world", str, "user"),
+        ("split", str, "train"),
+    )
     for key, typ, default in fields:
-        if key == 'rationale' and not rationale and r.get(key) is None:
+        if key == "rationale" and not rationale and r.get(key) is None:
             r[key] = None
             continue
         if key not in r and default is None:
             raise SystemExit(f"{where}: missing field '{key}' (expected a non-empty string)")
         r.setdefault(key, default)
         if not isinstance(r[key], typ) or (typ is str and not r[key]):
-            expected = 'a non-empty string' if typ is str else 'a list of objects'
+            expected = "a non-empty string" if typ is str else "a list of objects"
             raise SystemExit(f"{where}: field '{key}' must be {expected}, got {json.dumps(r[key])}")
-    if r['rationale'] is not None and not is_correct(r['world'], r['rationale'], r['answer'], r['question']):
-        raise SystemExit(f"{where}: the rationale must end with 'The answer is {r['answer']}.' (the record's answer)")
-    for k, pr in enumerate(r['probes']):
+    if r["rationale"] is not None and not is_correct(
+        r["world"], r["rationale"], r["answer"], r["question"]
+    ):
+        raise SystemExit(
+            f"{where}: the rationale must end with 'The answer is {r['answer']}.' (the record's answer)"
+        )
+    for k, pr in enumerate(r["probes"]):
         if not isinstance(pr, dict):
-            raise SystemExit(f'{where}: probes[{k}] must be an object with question, rationale, answer')
-        pr.setdefault('rule', 'user')
-        for key in ('rule', 'question', 'rationale', 'answer'):
+            raise SystemExit(
+                f"{where}: probes[{k}] must be an object with question, rationale, answer"
+            )
+        pr.setdefault("rule", "user")
+        for key in ("rule", "question", "rationale", "answer"):
             if not isinstance(pr.get(key), str) or not pr[key]:
                 got = json.dumps(pr.get(key))
-                raise SystemExit(f"{where}: probes[{k}].{key} must be a non-empty string, got {got}")
-        if not is_correct(r['world'], pr['rationale'], pr['answer'], pr['question']):
-            raise SystemExit(f"{where}: probes[{k}].rationale must end with 'The answer is {pr['answer']}.'")
-    r.setdefault('latent', None)
+                raise SystemExit(
+                    f"{where}: probes[{k}].{key} must be a non-empty string, got {got}"
+                )
+        if not is_correct(r["world"], pr["rationale"], pr["answer"], pr["question"]):
+            raise SystemExit(
+                f"{where}: probes[{k}].rationale must end with 'The answer is {pr['answer']}.'"
+            )
+    r.setdefault("latent", None)
     return r
 
 
@@ -248,22 +353,27 @@ def load_records(path, world=None, rationale=True):
     """The records of a JSONL file (ours, or a user's with question, answer, rationale and optional
     probes, id, world), checked line by line; optionally only one world's. rationale=False: see check_record."""
     if not os.path.isfile(path):
-        raise SystemExit(f'{path} is not a file' if os.path.exists(path) else f'{path} does not exist')
+        raise SystemExit(
+            f"{path} is not a file" if os.path.exists(path) else f"{path} does not exist"
+        )
     out = []
-    with open(path, 'rb') as f:  # bytes, decoded line by line: a bad encoding is named with its line
+    with open(
+        path, "rb"
+    ) as f:  # bytes, decoded line by line: a bad encoding is named with its line
         for n, raw in enumerate(f, 1):
             try:
-                line = raw.decode('utf-8')
+                line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise SystemExit(f'{path}:{n}: not UTF-8 text; save the file as UTF-8') from None
+                raise SystemExit(f"{path}:{n}: not UTF-8 text; save the file as UTF-8") from None
             if line.strip():
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f'{path}:{n}: not valid JSON ({e.msg}); '
-                                     'expected one JSON object per line') from None
-                r = check_record(r, f'{path}:{n}', rationale)
-                if world is None or r['world'] == world:
+                    raise SystemExit(
+                        f"{path}:{n}: not valid JSON ({e.msg}); expected one JSON object per line"
+                    ) from None
+                r = check_record(r, f"{path}:{n}", rationale)
+                if world is None or r["world"] == world:
                     out.append(r)
     return out
 
@@ -272,35 +382,46 @@ def read_split(data_dir, split, worlds=None, required=True):
     """The records of data_dir/{split}.jsonl, the file invert.py writes, optionally only the given
     worlds'. A missing file is [] when not required (a user's data may bring only train), else an
     error that says how to make it."""
-    path = os.path.join(data_dir, f'{split}.jsonl')
+    path = os.path.join(data_dir, f"{split}.jsonl")
     if not os.path.isfile(path):
         if not required:
             return []
-        raise SystemExit(f'{path} does not exist: run `python invert.py --out_dir={os.path.dirname(data_dir)}` first')
-    return [r for r in load_records(path) if worlds is None or r['world'] in worlds]
+        raise SystemExit(
+            f"{path} does not exist: run `python invert.py --out_dir={os.path.dirname(data_dir)}` first"
+        )
+    return [r for r in load_records(path) if worlds is None or r["world"] in worlds]
 
 
 def greedy_answers(model, tok, questions, max_new_tokens, batch_size=128):
     """Greedy single-turn responses, the question alone in the prompt: how every accuracy is measured."""
     texts = []
     for i in range(0, len(questions), batch_size):
-        prompts = [prompt_ids(tok, q) for q in questions[i:i + batch_size]]
-        texts += decode_generated(tok, *model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot))
+        prompts = [prompt_ids(tok, q) for q in questions[i : i + batch_size]]
+        texts += decode_generated(
+            tok, *model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot)
+        )
     return texts
 
 
 def accuracy(model, tok, records, max_new_tokens):
     """The share of records answered right, greedily and single turn."""
     answers = greedy_answers(model, tok, [r["question"] for r in records], max_new_tokens)
-    right = sum(is_correct(r["world"], a, r["answer"], r["question"]) for r, a in zip(records, answers))
+    right = sum(
+        is_correct(r["world"], a, r["answer"], r["question"]) for r, a in zip(records, answers)
+    )
     return right / max(1, len(records))
 
 
 def sft_examples(tok, records):
     """Per record, the token pairs (prompt, response) of Q and of each of its EI probes."""
     pair = lambda q, r: (prompt_ids(tok, q), response_ids(tok, r))
-    return [(pair(r["question"], r["rationale"]), [pair(p["question"], p["rationale"]) for p in r["probes"]])
-            for r in records]
+    return [
+        (
+            pair(r["question"], r["rationale"]),
+            [pair(p["question"], p["rationale"]) for p in r["probes"]],
+        )
+        for r in records
+    ]
 
 
 def sft_batch(examples, device):

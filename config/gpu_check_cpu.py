@@ -19,6 +19,8 @@ rl_candidates = 1
 tau_hard = 0
 max_new_tokens = 4
 micro_batch = 4
-probe_args = ("--max_problems=6 --iters=20 --controls=1 --intervene_layers=1 --alphas=0,4 --intervene_problems=2 "
-              "--max_new_tokens=4 --threads=1")
+probe_args = (
+    "--max_problems=6 --iters=20 --controls=1 --intervene_layers=1 --alphas=0,4 --intervene_problems=2 "
+    "--max_new_tokens=4 --threads=1"
+)
 evaluate_args = "--max_problems=1 --worlds=coin --max_new_tokens=4 --threads=1"

@@ -7,7 +7,7 @@ device = "cuda"
 init = "gpt2"
 # SFT: fine-tuning a pretrained model wants a small learning rate
 batch_size = 32
-grad_accum = 2            # sorted by length, the two halves pad apart: 10k instead of 17k tokens a step
+grad_accum = 2  # sorted by length, the two halves pad apart: 10k instead of 17k tokens a step
 lr = 1e-4
 max_iters = 3000
 warmup_iters = 100
@@ -19,4 +19,4 @@ rl_lr = 1e-5
 group_size = 8
 k = 5
 max_new_tokens = 64
-micro_batch = 8           # ~7 GB in the update (README, "On a GPU"); run.sh runs two RL rows at once
+micro_batch = 8  # ~7 GB in the update (README, "On a GPU"); run.sh runs two RL rows at once

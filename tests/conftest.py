@@ -9,5 +9,8 @@ torch.set_num_threads(1)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes on 2 CPU cores (the full-shape GPT-2 smoke); "
-                                       "python -m pytest -m 'not slow' skips it")
+    config.addinivalue_line(
+        "markers",
+        "slow: minutes on 2 CPU cores (the full-shape GPT-2 smoke); "
+        "python -m pytest -m 'not slow' skips it",
+    )

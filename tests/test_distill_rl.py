@@ -1,5 +1,6 @@
 """Stage 2-3 tests: hand-computed advantages and DSU bonus, loss masks, ratio/KL at the start,
 gradient accumulation, golden losses, resume, the NaN guard, DDP, and RL raising the reward."""
+
 import json
 import math
 import os
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 import distill_rl
-from distill_rl import Config, dsu_bonus, group_advantages, masked_logprobs, policy_update, rl_loss
 from configurator import mixed_precision
+from distill_rl import Config, dsu_bonus, group_advantages, masked_logprobs, policy_update, rl_loss
 from model import GPT, GPTConfig, KVCache, load_checkpoint
 from tasks import prompt_ids
 from tokenizer import CompactTokenizer
@@ -46,10 +47,14 @@ def test_group_of_one_is_zero_not_nan():
 
 
 def test_dsu_bonus_by_hand():
-    full = torch.tensor([[1.0, 0.0, 1.0, 0.0],    # P_full 0.5 > P_partial 0.25: fires
-                         [1.0, 0.0, 0.0, 0.0],    # 0.25 = 0.25: does not fire (strict >)
-                         [1.0, 1.0, 0.0, 0.0],    # P_partial 0: fires
-                         [0.0, 0.0, 0.0, 0.0]])   # 0 > 0 is false
+    full = torch.tensor(
+        [
+            [1.0, 0.0, 1.0, 0.0],  # P_full 0.5 > P_partial 0.25: fires
+            [1.0, 0.0, 0.0, 0.0],  # 0.25 = 0.25: does not fire (strict >)
+            [1.0, 1.0, 0.0, 0.0],  # P_partial 0: fires
+            [0.0, 0.0, 0.0, 0.0],
+        ]
+    )  # 0 > 0 is false
     partial = torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4])
     bonus, fired = dsu_bonus(full, partial, delta=0.5, nu=1.0)
     assert fired.tolist() == [True, False, True, False]
@@ -61,9 +66,23 @@ def test_dsu_bonus_by_hand():
 
 def test_difficulty_filter_semantics():
     def rec(i, n):
-        return {"id": str(i), "world": "arith", "question": f"q{i}", "answer": "1", "rationale": "The answer is 1.",
-                "probes": [{"rule": "verify", "question": f"q{i}-{k}", "rationale": "The answer is 5.", "answer": "5"}
-                           for k in range(n)]}
+        return {
+            "id": str(i),
+            "world": "arith",
+            "question": f"q{i}",
+            "answer": "1",
+            "rationale": "The answer is 1.",
+            "probes": [
+                {
+                    "rule": "verify",
+                    "question": f"q{i}-{k}",
+                    "rationale": "The answer is 5.",
+                    "answer": "5",
+                }
+                for k in range(n)
+            ],
+        }
+
     # (probes N', how many the student gets right L)
     cases = [(3, 1), (3, 2), (3, 3), (3, 0), (0, 0), (1, 1), (1, 0)]
     recs = [rec(i, n) for i, (n, _) in enumerate(cases)]
@@ -73,13 +92,21 @@ def test_difficulty_filter_semantics():
     def answer_fn(qs):
         calls.append(len(qs))
         return ["so 5. The answer is 5." if q in right else "The answer is 6." for q in qs]
+
     kept, counts = distill_rl.difficulty_filter(recs, answer_fn, tau_hard=1)
     assert [r["id"] for r in kept] == ["0", "1"] and calls == [sum(n for n, _ in cases)]
-    assert counts == {"kept": 2, "dropped_all_correct": 2, "dropped_too_few": 2, "dropped_no_probes": 1}
+    assert counts == {
+        "kept": 2,
+        "dropped_all_correct": 2,
+        "dropped_too_few": 2,
+        "dropped_no_probes": 1,
+    }
     kept, counts = distill_rl.difficulty_filter(recs, answer_fn, tau_hard=2)
     assert [r["id"] for r in kept] == ["1"] and counts["dropped_too_few"] == 3
-    assert distill_rl.difficulty_filter([], answer_fn) == ([], {"kept": 0, "dropped_all_correct": 0,
-                                                                "dropped_too_few": 0, "dropped_no_probes": 0})
+    assert distill_rl.difficulty_filter([], answer_fn) == (
+        [],
+        {"kept": 0, "dropped_all_correct": 0, "dropped_too_few": 0, "dropped_no_probes": 0},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +131,9 @@ def test_ratio_one_and_kl_zero_before_the_first_update():
     logp, mask, _ = masked_logprobs(model, rows, masks, "cpu", 1.0)
     assert torch.equal(torch.exp(logp - old), torch.ones_like(logp))
     cfg = Config(algo="grpo", beta=0.04)
-    _, (kl, clipped) = rl_loss(logp, old, ref_logp, mask, torch.tensor([1.0, -1.0]), cfg, 2, float(mask.sum()))
+    _, (kl, clipped) = rl_loss(
+        logp, old, ref_logp, mask, torch.tensor([1.0, -1.0]), cfg, 2, float(mask.sum())
+    )
     assert kl == 0.0 and clipped == 0.0
 
 
@@ -160,8 +189,16 @@ def test_masked_tokens_get_exactly_zero_gradient():
     for agg in ("seq", "token", "constant"):
         cfg = Config(algo="grpo", beta=0.04, loss_agg=agg)
         leaf.grad = None
-        loss, _ = rl_loss(leaf, leaf.detach() + 0.05, leaf.detach() - 0.1, mask, torch.tensor([1.0, -2.0]), cfg, 2,
-                          float(mask.sum()))
+        loss, _ = rl_loss(
+            leaf,
+            leaf.detach() + 0.05,
+            leaf.detach() - 0.1,
+            mask,
+            torch.tensor([1.0, -2.0]),
+            cfg,
+            2,
+            float(mask.sum()),
+        )
         loss.backward()
         assert torch.all(leaf.grad[mask == 0] == 0)
         assert torch.all(leaf.grad[mask == 1] != 0)
@@ -176,7 +213,16 @@ def test_loss_aggregation_by_hand():
     adv = torch.tensor([1.0, 3.0])
     seq = rl_loss(logp, logp, logp, mask, adv, Config(algo="grpo", loss_agg="seq"), 2, 4)[0]
     tok = rl_loss(logp, logp, logp, mask, adv, Config(algo="grpo", loss_agg="token"), 2, 4)[0]
-    const = rl_loss(logp, logp, logp, mask, adv, Config(algo="grpo", loss_agg="constant", max_new_tokens=5), 2, 4)[0]
+    const = rl_loss(
+        logp,
+        logp,
+        logp,
+        mask,
+        adv,
+        Config(algo="grpo", loss_agg="constant", max_new_tokens=5),
+        2,
+        4,
+    )[0]
     assert seq.item() == pytest.approx(-(1.0 + 3.0) / 2)
     assert tok.item() == pytest.approx(-(3 * 1.0 + 3.0) / 4)
     assert const.item() == pytest.approx(-(3 * 1.0 + 3.0) / (2 * 5))  # 2 sequences x 5 new tokens
@@ -212,7 +258,9 @@ def test_gradient_accumulation_equals_full_batch():
         cfg = Config(algo="exgrpo", beta=0.04, micro_batch=micro, aux_coef=0.1, rl_lr=0.0)
         batch = dict(rows=rows, masks=masks, adv=adv, aux=aux, aux_masks=aux_masks)
         grads.append(kept_gradient(nano(), nano(seed=1), batch, cfg))
-    assert torch.allclose(grads[0], grads[1], atol=1e-7) and torch.allclose(grads[0], grads[2], atol=1e-7)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7) and torch.allclose(
+        grads[0], grads[2], atol=1e-7
+    )
 
 
 def test_sft_batch_trains_responses_only():
@@ -226,6 +274,7 @@ def test_sft_batch_trains_responses_only():
 
 def test_ei_dialogue_examples():
     import random
+
     pool = [(("q", "Q"), [("p1", "P1"), ("p2", "P2"), ("p3", "P3")])]
     g = random.Random(0)
     for _ in range(20):
@@ -237,26 +286,62 @@ def test_ei_dialogue_examples():
 # ---------------------------------------------------------------------------------------------
 # whole runs on a tiny dataset
 
-NANO = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=768", "--threads=1", "--device=cpu"]
+NANO = [
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=768",
+    "--threads=1",
+    "--device=cpu",
+]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     import invert
+
     out = tmp_path_factory.mktemp("run")
-    invert.build(invert.Config(out_dir=str(out), worlds="coin", n_train=64, n_val=16, n_test=8, n_ood=8))
+    invert.build(
+        invert.Config(out_dir=str(out), worlds="coin", n_train=64, n_val=16, n_test=8, n_ood=8)
+    )
     return str(out)
 
 
 def sft(out_dir, *extra):
-    return distill_rl.main([f"--out_dir={out_dir}", "--stage=sft", "--data=ei", "--batch_size=8", "--seed=1",
-                     "--eval_problems=8", "--max_new_tokens=24", *NANO, *extra])
+    return distill_rl.main(
+        [
+            f"--out_dir={out_dir}",
+            "--stage=sft",
+            "--data=ei",
+            "--batch_size=8",
+            "--seed=1",
+            "--eval_problems=8",
+            "--max_new_tokens=24",
+            *NANO,
+            *extra,
+        ]
+    )
 
 
 def rl(out_dir, *extra):
-    distill_rl.main([f"--out_dir={out_dir}", "--stage=rl", "--algo=exgrpo", "--rl_batch_size=2", "--group_size=2",
-                     "--k=2", "--seed=1", "--difficulty=False", "--eval_problems=4", "--max_new_tokens=24",
-                     "--rl_lr=1e-3", "--rl_warmup=1", *NANO, *extra])
+    distill_rl.main(
+        [
+            f"--out_dir={out_dir}",
+            "--stage=rl",
+            "--algo=exgrpo",
+            "--rl_batch_size=2",
+            "--group_size=2",
+            "--k=2",
+            "--seed=1",
+            "--difficulty=False",
+            "--eval_problems=4",
+            "--max_new_tokens=24",
+            "--rl_lr=1e-3",
+            "--rl_warmup=1",
+            *NANO,
+            *extra,
+        ]
+    )
 
 
 def log(out_dir, name):
@@ -296,7 +381,9 @@ def test_bf16_autocast_path_on_cpu(data_dir):
     assert 0 < (bf16 - fp32).abs().max() < 0.05
     cfg = Config(algo="grpo", micro_batch=8, aux_coef=0.0, dtype="bfloat16")
     batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
-    stats = policy_update(model, nano(), model.configure_optimizer(1e-3, 0.0), batch, cfg, 1, "in the test")
+    stats = policy_update(
+        model, nano(), model.configure_optimizer(1e-3, 0.0), batch, cfg, 1, "in the test"
+    )
     assert stats["kl"] == 0.0 and stats["clipped"] == 0.0 and math.isfinite(stats["loss"])
 
 
@@ -305,10 +392,14 @@ def test_compile_wraps_the_training_forward_and_the_decode_step(data_dir, monkey
     through torch.compile (dynamo with its eager backend here: inductor takes a minute on CPU), the
     losses stay the golden ones and the checkpoint's keys are the plain model's."""
     compiled, real = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, backend="eager"))
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, backend="eager")
+    )
     model = sft(data_dir, "--max_iters=2", "--name=compiled", "--compile=True", "--eval_interval=2")
     assert compiled == [model, model.decode]
-    assert [r["loss"] for r in log(data_dir, "compiled")] == pytest.approx(GOLDEN_SFT_LOSSES[:2], rel=1e-5)
+    assert [r["loss"] for r in log(data_dir, "compiled")] == pytest.approx(
+        GOLDEN_SFT_LOSSES[:2], rel=1e-5
+    )
     assert list(weights(data_dir, "compiled")) == list(model.state_dict())
 
 
@@ -319,6 +410,7 @@ def interrupt_at(monkeypatch, step):
         if record["step"] == step:
             raise KeyboardInterrupt
         real(self, record)
+
     monkeypatch.setattr(distill_rl.Run, "log", log_then_die)
 
 
@@ -334,7 +426,9 @@ def test_sft_resume_equals_uninterrupted_run(data_dir, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in log(data_dir, "resumed")] == [1, 2, 3, 4, 5, 6]
     stamp = os.path.getmtime(os.path.join(data_dir, "ckpt", "resumed.pt"))
-    sft(data_dir, "--max_iters=6", "--name=resumed", "--resume=True")  # finished: nothing trained, nothing written
+    sft(
+        data_dir, "--max_iters=6", "--name=resumed", "--resume=True"
+    )  # finished: nothing trained, nothing written
     assert os.path.getmtime(os.path.join(data_dir, "ckpt", "resumed.pt")) == stamp
 
 
@@ -350,11 +444,19 @@ def test_rl_resume_equals_uninterrupted_run(data_dir, monkeypatch):
     a, b = weights(data_dir, "rl_straight"), weights(data_dir, "rl_resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     first = log(data_dir, "rl_straight")[0]
-    assert first["kl"] == 0.0 and first["clip_frac"] == 0.0  # pi_theta == pi_old == pi_ref at step 1
+    assert (
+        first["kl"] == 0.0 and first["clip_frac"] == 0.0
+    )  # pi_theta == pi_old == pi_ref at step 1
     # resuming a finished run trains nothing: no difficulty filter, the checkpoint and log untouched
     path = os.path.join(data_dir, "ckpt", "rl_resumed.pt")
-    before, stamp, lines = open(path, "rb").read(), os.path.getmtime(path), log(data_dir, "rl_resumed")
-    monkeypatch.setattr(distill_rl, "difficulty_filter", lambda *a, **k: pytest.fail("filtered again"))
+    before, stamp, lines = (
+        open(path, "rb").read(),
+        os.path.getmtime(path),
+        log(data_dir, "rl_resumed"),
+    )
+    monkeypatch.setattr(
+        distill_rl, "difficulty_filter", lambda *a, **k: pytest.fail("filtered again")
+    )
     rl(data_dir, init, "--rl_steps=3", "--name=rl_resumed", "--resume=True")
     assert open(path, "rb").read() == before and os.path.getmtime(path) == stamp
     assert log(data_dir, "rl_resumed") == lines
@@ -367,8 +469,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, monkeypatch
         calls.append(1)
         out = real(*args, **kwargs)
         return out * float("nan") if len(calls) == 2 else out
+
     monkeypatch.setattr(distill_rl, "summed_nll", nan_on_second_step)
-    with pytest.raises(SystemExit, match=r"loss nan .* at step 2; the last good checkpoint .*nan_run.pt\) is intact"):
+    with pytest.raises(
+        SystemExit,
+        match=r"loss nan .* at step 2; the last good checkpoint .*nan_run.pt\) is intact",
+    ):
         sft(data_dir, "--max_iters=4", "--name=nan_run", "--ckpt_interval=1", "--eval_interval=100")
     assert load_checkpoint(os.path.join(data_dir, "ckpt", "nan_run.pt"))["step"] == 1
 
@@ -382,6 +488,7 @@ def test_bad_config_is_refused(data_dir):
 
 def free_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -404,11 +511,30 @@ def test_ddp_two_processes_agree(data_dir, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(root=ROOT, out=str(tmp_path)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
-                          f"--out_dir={data_dir}", "--stage=sft", "--data=ei", "--batch_size=8", "--max_iters=2",
-                          "--name=ddp", "--eval_interval=100", *NANO],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(script),
+            f"--out_dir={data_dir}",
+            "--stage=sft",
+            "--data=ei",
+            "--batch_size=8",
+            "--max_iters=2",
+            "--name=ddp",
+            "--eval_interval=100",
+            *NANO,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "digest_0").read_text() == (tmp_path / "digest_1").read_text()
 
@@ -417,15 +543,52 @@ def test_short_sft_then_exgrpo_raises_reward(tmp_path):
     """A barely trained student (80 SFT steps) on four coin questions: EXGRPO's outcome reward
     on those questions rises (mostly by learning to finish with "The answer is X.")."""
     import invert
+
     out = str(tmp_path)
-    invert.build(invert.Config(out_dir=out, worlds="coin", n_train=256, n_val=16, n_test=8, n_ood=8))
-    nano = ["--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=768", "--threads=1", "--device=cpu",
-            "--seed=1", "--max_new_tokens=32", "--eval_problems=16"]
-    distill_rl.main([f"--out_dir={out}", "--stage=sft", "--data=ei", "--batch_size=16", "--max_iters=80",
-                     "--warmup_iters=10", "--eval_interval=1000", *nano])
-    distill_rl.main([f"--out_dir={out}", "--stage=rl", "--algo=exgrpo", "--k=1", "--rl_batch_size=4", "--group_size=16",
-                     "--data_fraction=0.015625", "--difficulty=False", "--rl_lr=2e-3", "--rl_warmup=1",
-                     "--rl_steps=25", "--beta=0.0", f"--init={out}/ckpt/sft_ei.pt", *nano])
+    invert.build(
+        invert.Config(out_dir=out, worlds="coin", n_train=256, n_val=16, n_test=8, n_ood=8)
+    )
+    nano = [
+        "--n_layer=2",
+        "--n_head=2",
+        "--n_embd=48",
+        "--block_size=768",
+        "--threads=1",
+        "--device=cpu",
+        "--seed=1",
+        "--max_new_tokens=32",
+        "--eval_problems=16",
+    ]
+    distill_rl.main(
+        [
+            f"--out_dir={out}",
+            "--stage=sft",
+            "--data=ei",
+            "--batch_size=16",
+            "--max_iters=80",
+            "--warmup_iters=10",
+            "--eval_interval=1000",
+            *nano,
+        ]
+    )
+    distill_rl.main(
+        [
+            f"--out_dir={out}",
+            "--stage=rl",
+            "--algo=exgrpo",
+            "--k=1",
+            "--rl_batch_size=4",
+            "--group_size=16",
+            "--data_fraction=0.015625",
+            "--difficulty=False",
+            "--rl_lr=2e-3",
+            "--rl_warmup=1",
+            "--rl_steps=25",
+            "--beta=0.0",
+            f"--init={out}/ckpt/sft_ei.pt",
+            *nano,
+        ]
+    )
     acc = [r["acc_full"] for r in log(out, "rl_exgrpo")]
     first, last = sum(acc[:5]) / 5, sum(acc[-10:]) / 10
     assert last > first + 0.05, (first, last)
@@ -435,24 +598,46 @@ def test_rollout_masks_and_scenario_b_flags():
     """grad_probe_answers=False trains only the final answer; partial_gradient=True adds the
     Scenario B rows with their own advantages. Masks never cover prompt tokens."""
     import random
-    texts = ["Q: Is the coin heads up? Which side is up first?\nA:", " The answer is yes. no heads tails."]
+
+    texts = [
+        "Q: Is the coin heads up? Which side is up first?\nA:",
+        " The answer is yes. no heads tails.",
+    ]
     tok = CompactTokenizer.from_texts(texts)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=tok.n_vocab, block_size=256)).eval()
-    probe = {"rule": "decompose", "question": "Which side is up first?", "rationale": "heads. The answer is heads.",
-             "answer": "heads"}
-    records = [{"world": "coin", "question": "Is the coin heads up?", "answer": "yes", "probes": [probe]}] * 2
+    model = GPT(
+        GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=tok.n_vocab, block_size=256)
+    ).eval()
+    probe = {
+        "rule": "decompose",
+        "question": "Which side is up first?",
+        "rationale": "heads. The answer is heads.",
+        "answer": "heads",
+    }
+    records = [
+        {"world": "coin", "question": "Is the coin heads up?", "answer": "yes", "probes": [probe]}
+    ] * 2
     Q, G = 2, 3
     for grad_probes, partial in ((True, False), (False, True)):
-        cfg = Config(algo="exgrpo", k=1, group_size=G, max_new_tokens=6, grad_probe_answers=grad_probes,
-                     partial_gradient=partial)
+        cfg = Config(
+            algo="exgrpo",
+            k=1,
+            group_size=G,
+            max_new_tokens=6,
+            grad_probe_answers=grad_probes,
+            partial_gradient=partial,
+        )
         batch = distill_rl.rollout_batch(model, tok, records, cfg, random.Random(0), "cpu")
         n_rows = 2 * Q * G if partial else Q * G
         assert len(batch["rows"]) == len(batch["masks"]) == len(batch["adv"]) == n_rows
         q_prompt = prompt_ids(tok, records[0]["question"])
         for row, mask in zip(batch["rows"], batch["masks"]):
             assert len(row) == len(mask)
-            start = max(i for i in range(len(row) - len(q_prompt) + 1) if row[i:i + len(q_prompt)] == q_prompt)
+            start = max(
+                i
+                for i in range(len(row) - len(q_prompt) + 1)
+                if row[i : i + len(q_prompt)] == q_prompt
+            )
             end = start + len(q_prompt)  # the final answer starts after the last copy of Q's prompt
             assert not any(mask[start:end])
             if not grad_probes:
@@ -473,29 +658,46 @@ def test_joint_group_lifts_correct_full_rollouts_when_the_bonus_fires():
     def adv_a(**flags):
         cfg = Config(delta=0.5, nu=1.0, **flags)
         return distill_rl.scenario_advantages(full, partial, cfg, "group")[2][0]
+
     plain, bonus = adv_a(dsu_bonus=False), adv_a(dsu_bonus=True)
     assert plain[0].item() == pytest.approx(0.625 / (0.375 * 0.625) ** 0.5, abs=1e-3)
-    assert bonus[0].item() == pytest.approx(1.0 / 0.4375 ** 0.5, abs=1e-3)
-    assert bonus[2].item() == pytest.approx(-0.5 / 0.4375 ** 0.5, abs=1e-3)  # wrong A rollouts: lower
-    old_plain, old_bonus = adv_a(dsu_bonus=False, adv_group="scenario"), adv_a(dsu_bonus=True, adv_group="scenario")
+    assert bonus[0].item() == pytest.approx(1.0 / 0.4375**0.5, abs=1e-3)
+    assert bonus[2].item() == pytest.approx(-0.5 / 0.4375**0.5, abs=1e-3)  # wrong A rollouts: lower
+    old_plain, old_bonus = (
+        adv_a(dsu_bonus=False, adv_group="scenario"),
+        adv_a(dsu_bonus=True, adv_group="scenario"),
+    )
     assert (old_bonus - old_plain).abs().max() < 3e-4
 
 
 def update_gap(out_dir, init, adv_group, monkeypatch):
     """||w(bonus) - w(no bonus)|| / ||w(no bonus) - w(init)|| after 4 RL steps from one student.
     The reward is a fixed function of the answer's length, so groups are mixed from the start."""
-    monkeypatch.setattr(distill_rl, "is_correct", lambda world, text, gold, q=None: len(text) % 3 == 0)
+    monkeypatch.setattr(
+        distill_rl, "is_correct", lambda world, text, gold, q=None: len(text) % 3 == 0
+    )
     ends = {}
     for bonus in (True, False):
         name = f"gap_{adv_group}_{bonus}"
-        rl(out_dir, init, "--rl_steps=4", f"--name={name}", f"--dsu_bonus={bonus}", f"--adv_group={adv_group}",
-           "--group_size=4", "--beta=0.0", "--aux_coef=0.0")
+        rl(
+            out_dir,
+            init,
+            "--rl_steps=4",
+            f"--name={name}",
+            f"--dsu_bonus={bonus}",
+            f"--adv_group={adv_group}",
+            "--group_size=4",
+            "--beta=0.0",
+            "--aux_coef=0.0",
+        )
         ends[bonus] = weights(out_dir, name)
         fire_rates = [r["dsu_fire_rate"] for r in log(out_dir, name)]
         assert sum(fire_rates) > 0 if bonus else fire_rates == [None] * 4  # no bonus: nothing fires
     start = load_checkpoint(init.removeprefix("--init="))["model"]
     norm = lambda d: sum(float((d[k] ** 2).sum()) for k in d) ** 0.5
-    return norm({k: ends[True][k] - ends[False][k] for k in start}) / norm({k: ends[False][k] - start[k] for k in start})
+    return norm({k: ends[True][k] - ends[False][k] for k in start}) / norm(
+        {k: ends[False][k] - start[k] for k in start}
+    )
 
 
 def test_dsu_share_by_hand():
@@ -504,15 +706,25 @@ def test_dsu_share_by_hand():
     mean 1 and std sqrt(0.375), so A's advantages are 0.5 / 0.6124 = 0.8165 against 0.25 / 0.4330 =
     0.5774 without the bonus: share 1 - 0.5774 / 0.8165 = 1 - 1/sqrt(2)."""
     cfg = Config(algo="exgrpo", delta=0.5, nu=1.0)
-    for full, partial, share in (([[1.0, 0.0]], [[0.0, 0.0]], 0.0), ([[1.0, 1.0]], [[1.0, 0.0]], 1 - 2 ** -0.5)):
+    for full, partial, share in (
+        ([[1.0, 0.0]], [[0.0, 0.0]], 0.0),
+        ([[1.0, 1.0]], [[1.0, 0.0]], 1 - 2**-0.5),
+    ):
         full, partial = torch.tensor(full), torch.tensor(partial)
         adv_a = distill_rl.scenario_advantages(full, partial, cfg, "group")[2]
-        assert distill_rl.dsu_share(full, partial, adv_a, cfg, "group") == pytest.approx(share, abs=1e-3)
+        assert distill_rl.dsu_share(full, partial, adv_a, cfg, "group") == pytest.approx(
+            share, abs=1e-3
+        )
 
 
 def test_two_runs_differing_only_in_the_bonus_end_apart(data_dir, monkeypatch):
     sft(data_dir, "--max_iters=4", "--name=gap_base")
     init = f"--init={os.path.join(data_dir, 'ckpt', 'gap_base.pt')}"
-    joint, scenario = update_gap(data_dir, init, "joint", monkeypatch), update_gap(data_dir, init, "scenario", monkeypatch)
+    joint, scenario = (
+        update_gap(data_dir, init, "joint", monkeypatch),
+        update_gap(data_dir, init, "scenario", monkeypatch),
+    )
     assert joint > 0.05  # measured 0.094: the bonus moves the update
-    assert scenario < 1e-3  # measured 2e-5: with A alone as the group it cancels, which is why it is joint
+    assert (
+        scenario < 1e-3
+    )  # measured 2e-5: with A alone as the group it cancels, which is why it is joint

@@ -1,6 +1,7 @@
 """The GPT-2 download against a real HTTP server on 127.0.0.1: HF_ENDPOINT, the progress bar, the
 cache, a server that dies mid-file, and `python model.py --init=gpt2` loading from the cache with
 the network gone."""
+
 import http.server
 import os
 import socket
@@ -30,7 +31,7 @@ class Hub(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data[:len(data) // 2] if self.path in self.server.cut else data)
+        self.wfile.write(data[: len(data) // 2] if self.path in self.server.cut else data)
         self.close_connection = True
 
     def log_message(self, *args):  # keep the test output quiet
@@ -51,7 +52,9 @@ def source(tmp_path_factory):
 @pytest.fixture
 def hub(source):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    server.files = {f"/mirror/openai-community/gpt2/resolve/main/{f}": data for f, data in source[1].items()}
+    server.files = {
+        f"/mirror/openai-community/gpt2/resolve/main/{f}": data for f, data in source[1].items()
+    }
     server.cut = set()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
@@ -77,10 +80,25 @@ def test_download_from_hf_endpoint_then_load_offline(hub, source, tmp_path, monk
     for key, t in source[0].state_dict().items():
         assert torch.equal(model.state_dict()[key], t), key
     # the same load from the cache, in a fresh process, with the endpoint now refusing connections
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", EXGRPO_CACHE=str(tmp_path))
-    out = subprocess.run([sys.executable, "model.py", "--init=gpt2", "--prompt=Hello", "--num_samples=1",
-                          "--max_new_tokens=3", "--device=cpu"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+    env = dict(
+        os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", EXGRPO_CACHE=str(tmp_path)
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "model.py",
+            "--init=gpt2",
+            "--prompt=Hello",
+            "--num_samples=1",
+            "--max_new_tokens=3",
+            "--device=cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "loaded gpt2 (GPT-2 weights)" in out.stdout and "Hello" in out.stdout
 
@@ -92,9 +110,11 @@ def test_server_dying_mid_file_leaves_no_partial_file(hub, tmp_path, monkeypatch
     with pytest.raises(SystemExit) as e:
         GPT.from_pretrained("gpt2")
     message = str(e.value.code)
-    assert message.startswith(f"could not download http://127.0.0.1:{hub.server_port}/mirror/openai-community/"
-                              f"gpt2/resolve/main/model.safetensors (ConnectionError: the server closed the "
-                              f"connection after ")
+    assert message.startswith(
+        f"could not download http://127.0.0.1:{hub.server_port}/mirror/openai-community/"
+        f"gpt2/resolve/main/model.safetensors (ConnectionError: the server closed the "
+        f"connection after "
+    )
     assert message.endswith("and rerun") and message.count(". ") == 0  # one sentence
     assert os.listdir(tmp_path / "gpt2") == ["config.json"]  # the complete file stays, no .part
     hub.cut.clear()  # the server is back: the next call fetches only what is missing

@@ -21,7 +21,14 @@ from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden.json")
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=768", "--threads=1", "--device=cpu"]
+TINY = [
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=768",
+    "--threads=1",
+    "--device=cpu",
+]
 # 150 SFT steps: a student that answers some coin questions, so RL groups have a reward spread
 SFT = ["--stage=sft", "--data=ei", "--batch_size=16", "--max_iters=150", "--warmup_iters=10"]
 RL = ["--stage=rl", "--algo=exgrpo", "--rl_batch_size=4", "--group_size=4", "--k=2", "--rl_steps=3"]
@@ -40,9 +47,7 @@ def weights_sha256(path):
 
 
 def run_golden(out):
-    invert.build(
-        invert.Config(out_dir=out, worlds="coin", n_train=64, n_val=16, n_test=8, n_ood=8)
-    )
+    invert.build(invert.Config(out_dir=out, worlds="coin", n_train=64, n_val=16, n_test=8, n_ood=8))
     common = [f"--out_dir={out}", "--seed=1", "--eval_problems=8", "--max_new_tokens=24"]
     common += ["--eval_interval=1000", *TINY]
     distill_rl.main([*common, *SFT])

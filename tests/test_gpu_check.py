@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh on CPU: its dry run at a tiny shape, and the full-shape smoke: every stage
 (invert, EI-SFT, EXGRPO with k = 5 probe turns, a linear probe, evaluate) at GPT-2 124M's shapes
 from a Hugging Face folder of random weights, through the GPU preset."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,13 @@ SPLITS = ["test_id", "ood_long", "ood_reverse", "ood_names"]
 
 def gpu_check(out, *extra):
     """Run the dry run into out; returns its JSON and the RL log."""
-    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--device=cpu", f"--out_dir={out}", *extra], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--device=cpu", f"--out_dir={out}", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
     rl_log = [json.loads(line) for line in open(out / "logs" / "rl_exgrpo.jsonl")]
@@ -27,14 +33,26 @@ def gpu_check(out, *extra):
 
 
 def check_report(report, out):
-    assert list(report["stages"]) == STAGES and all(s["seconds"] > 0 for s in report["stages"].values())
+    assert list(report["stages"]) == STAGES and all(
+        s["seconds"] > 0 for s in report["stages"].values()
+    )
     assert report["device"] == "cpu" and report["peak_memory_gb"] is None  # measured on CUDA only
-    assert report["sft_tokens_per_s"] > 0 and report["rl_step_s"] > 0 and report["rl_rollout_tokens_per_s"] > 0
+    assert (
+        report["sft_tokens_per_s"] > 0
+        and report["rl_step_s"] > 0
+        and report["rl_rollout_tokens_per_s"] > 0
+    )
     assert set(report["rl_step_parts_s"]) == {"sample", "score", "update"}
-    assert report["decode"]["eager_s_per_step"] > 0 and report["decode"]["compiled_s_per_step"] is None  # GPU only
-    assert {name: sorted(acc) for name, acc in report["accuracy"].items()} == {"sft_ei": sorted(SPLITS),
-                                                                             "rl_exgrpo": sorted(SPLITS)}
-    assert (out / "probe" / "probe_coin_state_event.json").is_file() and (out / "report" / "report.md").is_file()
+    assert (
+        report["decode"]["eager_s_per_step"] > 0 and report["decode"]["compiled_s_per_step"] is None
+    )  # GPU only
+    assert {name: sorted(acc) for name, acc in report["accuracy"].items()} == {
+        "sft_ei": sorted(SPLITS),
+        "rl_exgrpo": sorted(SPLITS),
+    }
+    assert (out / "probe" / "probe_coin_state_event.json").is_file() and (
+        out / "report" / "report.md"
+    ).is_file()
 
 
 def test_dry_run_at_a_tiny_shape(tmp_path):
@@ -49,7 +67,9 @@ def test_full_shape_smoke_through_the_gpu_preset(tmp_path):
     save_hf(GPT(GPTConfig()), str(tmp_path / "gpt2"))  # GPTConfig's defaults are GPT-2 124M
     report, rl_log = gpu_check(tmp_path / "run", f"--init={tmp_path / 'gpt2'}")
     check_report(report, tmp_path / "run")
-    shape = {k: report["model"][k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")}
+    shape = {
+        k: report["model"][k] for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+    }
     assert shape == dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024)
     assert report["configs"][0] == "config/gpu_gpt2.py"
     # each rollout answered k = 5 probes and the question, max_new_tokens = 4 tokens each (random

@@ -1,5 +1,6 @@
 """model.py and gpt2_files.py: GPT-2 parity with Hugging Face, KV-cache sampling, log-probs,
 safetensors and checkpoint I/O. Tiny random models, CPU, offline."""
+
 import json
 import os
 import random
@@ -53,7 +54,7 @@ def greedy_nocache(model, prompt, n):
     for _ in range(n):
         logits, _ = model(torch.tensor([seq]))
         seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def unused_token(rows, vocab):
@@ -65,7 +66,9 @@ def unused_token(rows, vocab):
 def expected_length(row, eot, stops=()):
     """How many tokens a row keeps: up to and including the first eot or completed stop sequence."""
     for t, tok in enumerate(row):
-        if tok == eot or any(t + 1 >= len(s) and row[t + 1 - len(s):t + 1] == list(s) for s in stops):
+        if tok == eot or any(
+            t + 1 >= len(s) and row[t + 1 - len(s) : t + 1] == list(s) for s in stops
+        ):
             return t + 1
     return len(row)
 
@@ -80,6 +83,7 @@ def check_rows(tokens, mask, refs, eot, stops=()):
         assert (tokens[i, n:] == eot).all(), f"row {i}"
     return lengths
 
+
 # ---------------------------------------------------------------------------------------------
 # parity with Hugging Face GPT2LMHeadModel
 
@@ -87,9 +91,18 @@ def check_rows(tokens, mask, refs, eot, stops=()):
 def hf_gpt2(vocab, seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=vocab,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=vocab,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+    )
     hf = transformers.GPT2LMHeadModel(config)
     perturb(hf)
     return hf.eval()
@@ -100,7 +113,7 @@ def hf_greedy(hf, prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def to_hub_layout(src, dst):
@@ -110,7 +123,10 @@ def to_hub_layout(src, dst):
     saved = G.read_safetensors(os.path.join(src, "model.safetensors"))
     tensors = {k.removeprefix("transformer."): v for k, v in saved.items()}
     assert not any(k.startswith("transformer.") for k in tensors)
-    n_layer, n_pos = json.load(open(os.path.join(src, "config.json")))["n_layer"], tensors["wpe.weight"].shape[0]
+    n_layer, n_pos = (
+        json.load(open(os.path.join(src, "config.json")))["n_layer"],
+        tensors["wpe.weight"].shape[0],
+    )
     for i in range(n_layer):
         tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_pos, n_pos)).view(1, 1, n_pos, n_pos)
         tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
@@ -128,8 +144,13 @@ def test_from_pretrained_matches_hf(tmp_path, vocab, layout):
     if layout == "hub":
         folder = to_hub_layout(folder, str(tmp_path / "hub"))
     ours = GPT.from_pretrained(folder).eval()
-    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd, ours.config.vocab_size,
-            ours.config.block_size) == (2, 4, 32, vocab, 64)
+    assert (
+        ours.config.n_layer,
+        ours.config.n_head,
+        ours.config.n_embd,
+        ours.config.vocab_size,
+        ours.config.block_size,
+    ) == (2, 4, 32, vocab, 64)
     idx = torch.randint(0, vocab, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
@@ -144,7 +165,9 @@ def test_save_hf_round_trip(tmp_path, gpt):
     folder = str(tmp_path / "export")
     G.save_hf(gpt, folder)
     files = os.listdir(folder)
-    assert {"config.json", "model.safetensors"} <= set(files) and not any(f.endswith(".tmp") for f in files)
+    assert {"config.json", "model.safetensors"} <= set(files) and not any(
+        f.endswith(".tmp") for f in files
+    )
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     idx = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -162,6 +185,7 @@ def test_save_hf_writes_compact_tokenizer_map(tmp_path, gpt):
     G.save_hf(gpt, str(tmp_path), tokenizer=tok)
     assert json.load(open(tmp_path / "exgrpo_tokenizer.json")) == tok.state()
 
+
 # ---------------------------------------------------------------------------------------------
 # forward: padding, positions, hidden states
 
@@ -171,7 +195,7 @@ def left_pad(prompts, pad=0):
     idx = torch.full((len(prompts), T), pad, dtype=torch.long)
     real = torch.zeros(len(prompts), T, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        idx[i, T - len(p):], real[i, T - len(p):] = torch.tensor(p), True
+        idx[i, T - len(p) :], real[i, T - len(p) :] = torch.tensor(p), True
     return idx, real
 
 
@@ -193,7 +217,9 @@ def test_explicit_positions_override_default(gpt):
     idx = torch.tensor([prompts_of([6])[0]])
     shifted = torch.arange(3, 9)[None]
     h0 = gpt(idx, positions=shifted, return_hidden=True)[2][0]
-    torch.testing.assert_close(h0, gpt.transformer.wte(idx) + gpt.transformer.wpe(shifted), atol=0, rtol=0)
+    torch.testing.assert_close(
+        h0, gpt.transformer.wte(idx) + gpt.transformer.wpe(shifted), atol=0, rtol=0
+    )
 
 
 @torch.no_grad()
@@ -205,7 +231,9 @@ def test_return_hidden(gpt):
     tr = gpt.transformer
     torch.testing.assert_close(hidden[0], tr.wte(idx) + tr.wpe(torch.arange(8)), atol=0, rtol=0)
     for layer, block in enumerate(tr.h):  # hidden[l] is the residual stream after block l
-        torch.testing.assert_close(hidden[layer + 1], block(hidden[layer], None, None, layer), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            hidden[layer + 1], block(hidden[layer], None, None, layer), atol=1e-6, rtol=0
+        )
     torch.testing.assert_close(gpt.lm_head(tr.ln_f(hidden[-1])), logits, atol=0, rtol=0)
     torch.testing.assert_close(gpt(idx, head=False)[0], tr.ln_f(hidden[-1]), atol=0, rtol=0)
 
@@ -217,6 +245,7 @@ def test_loss_ignores_minus_one(gpt):
     keep = targets[0] != -1
     expected = torch.nn.functional.cross_entropy(logits[0, keep], targets[0, keep])
     torch.testing.assert_close(loss, expected)
+
 
 # ---------------------------------------------------------------------------------------------
 # generation
@@ -258,7 +287,9 @@ def test_num_samples_rows_are_prompt_major(gpt):
     tokens, _ = gpt.generate(prompts, 6, num_samples=3, temperature=0, eot=unused_token(refs, 100))
     assert tokens.tolist() == [refs[0]] * 3 + [refs[1]] * 3
     # sampled: the 3 samples of a prompt differ from each other (each row has its own cache copy)
-    sampled, _ = gpt.generate(prompts, 10, num_samples=3, temperature=2.0, seed=0, eot=unused_token(refs, 100))
+    sampled, _ = gpt.generate(
+        prompts, 10, num_samples=3, temperature=2.0, seed=0, eot=unused_token(refs, 100)
+    )
     assert len({tuple(r) for r in sampled[:3].tolist()}) > 1
 
 
@@ -328,7 +359,13 @@ def sample_nocache(model, prompts, n, temperature, seed, eot, num_samples=1):
         u = torch.rand(len(rows), 1, generator=gen)
         for i, row in enumerate(rows):
             if not done[i]:
-                row.append(int(M.sample_next(model(torch.tensor([row]))[0][:, -1], temperature, None, u[i:i + 1])))
+                row.append(
+                    int(
+                        M.sample_next(
+                            model(torch.tensor([row]))[0][:, -1], temperature, None, u[i : i + 1]
+                        )
+                    )
+                )
                 new[i].append(row[-1])
                 done[i] = row[-1] == eot
         if all(done):
@@ -345,11 +382,15 @@ def test_sampled_cached_equals_uncached(gpt, temperature):
     """Sampling through the static KV cache (left-padded prompts, an empty one, two samples each,
     rows that stop early while others go on) draws the tokens the uncached forward draws."""
     prompts = prompts_of([4, 11, 0, 7, 1])
-    free = sample_nocache(gpt, prompts, 12, temperature, seed=5, eot=-1, num_samples=2)  # nobody stops
+    free = sample_nocache(
+        gpt, prompts, 12, temperature, seed=5, eot=-1, num_samples=2
+    )  # nobody stops
     eot = free[0][3]  # row 0 stops at its 4th token at the latest
     refs = sample_nocache(gpt, prompts, 12, temperature, seed=5, eot=eot, num_samples=2)
     assert 0 < min(len(r) for r in refs if r) < 12 == max(len(r) for r in refs)
-    tokens, mask = gpt.generate(prompts, 12, num_samples=2, temperature=temperature, seed=5, eot=eot)
+    tokens, mask = gpt.generate(
+        prompts, 12, num_samples=2, temperature=temperature, seed=5, eot=eot
+    )
     assert generated(tokens, mask) == refs
 
 
@@ -360,9 +401,17 @@ def test_sampled_dialogue_equals_uncached(gpt):
     eot = sample_nocache(gpt, first, 8, 1.0, seed=1, eot=-1)[1][2]
     refs1 = sample_nocache(gpt, first, 8, 1.0, seed=1, eot=eot)
     cache = M.KVCache(gpt.config, 3, 4, "cpu", torch.float32)
-    assert generated(*gpt.generate(first, 8, temperature=1.0, seed=1, eot=eot, kv_cache=cache)) == refs1
-    refs2 = sample_nocache(gpt, [p + r + q for p, r, q in zip(first, refs1, second)], 6, 1.0, seed=2, eot=eot)
-    assert generated(*gpt.generate(second, 6, temperature=1.0, seed=2, eot=eot, kv_cache=cache)) == refs2
+    assert (
+        generated(*gpt.generate(first, 8, temperature=1.0, seed=1, eot=eot, kv_cache=cache))
+        == refs1
+    )
+    refs2 = sample_nocache(
+        gpt, [p + r + q for p, r, q in zip(first, refs1, second)], 6, 1.0, seed=2, eot=eot
+    )
+    assert (
+        generated(*gpt.generate(second, 6, temperature=1.0, seed=2, eot=eot, kv_cache=cache))
+        == refs2
+    )
 
 
 def test_decode_steps_keep_their_shapes_and_storage(gpt, monkeypatch):
@@ -377,10 +426,13 @@ def test_decode_steps_keep_their_shapes_and_storage(gpt, monkeypatch):
         seen.append((tuple(idx.shape), tuple(cache.k.shape), cache.k.data_ptr(), cache.window))
         assert int(cache.filled) == slot + 1
         return h
+
     monkeypatch.setattr(M.GPT, "decode", spy)
     prompts, eot = prompts_of([3, 9]), unused_token([], 100)
     eager = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=0, eot=eot)
-    assert len(seen) == 9 and [w for *_, w in seen] == list(range(10, 19))  # 9 prompt slots, then one per step
+    assert len(seen) == 9 and [w for *_, w in seen] == list(
+        range(10, 19)
+    )  # 9 prompt slots, then one per step
     assert len({s[:3] for s in seen}) == 1  # the 10th token never goes through the model
     seen.clear()
     gpt.decode_step = lambda *args: M.GPT.decode(gpt, *args)  # stands in for the compiled step
@@ -399,8 +451,11 @@ def test_compiled_decode_traces_one_graph_and_matches_eager(gpt, monkeypatch, ca
     prompts = prompts_of([4, 11, 7])
     want = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=3)
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, fullgraph=False: real(fn, backend="eager",
-                                                                                        fullgraph=fullgraph))
+    monkeypatch.setattr(
+        torch,
+        "compile",
+        lambda fn, mode=None, fullgraph=False: real(fn, backend="eager", fullgraph=fullgraph),
+    )
     gpt.compile_decode()
     try:
         got = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=3)
@@ -408,6 +463,7 @@ def test_compiled_decode_traces_one_graph_and_matches_eager(gpt, monkeypatch, ca
 
         def unavailable(*args, **kwargs):
             raise RuntimeError("no compiler")
+
         monkeypatch.setattr(torch, "compile", unavailable)
         gpt.compile_decode()
         got = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=3)
@@ -421,7 +477,9 @@ def test_sampling_logits_stay_fp32_under_bf16_autocast(gpt, monkeypatch):
     """Under the bf16 autocast of the RL stage the head still runs in fp32 before each draw, as in
     the scoring path: the sampling policy is the scored one."""
     dtypes, real = [], M.sample_next
-    monkeypatch.setattr(M, "sample_next", lambda logits, *a: dtypes.append(logits.dtype) or real(logits, *a))
+    monkeypatch.setattr(
+        M, "sample_next", lambda logits, *a: dtypes.append(logits.dtype) or real(logits, *a)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gpt.generate(prompts_of([3, 5]), 4, temperature=1.0, seed=0)
     assert dtypes == [torch.float32] * 4
@@ -458,12 +516,13 @@ def test_sample_next_follows_the_distribution():
     assert torch.equal(M.sample_next(logits[:3], 0, None, None), torch.tensor([2, 2, 2]))
 
 
-@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0 ** -24])  # the two ends of torch.rand's range
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-24])  # the two ends of torch.rand's range
 def test_sample_next_never_draws_a_zero_probability_token(u):
     """top_k gives tokens 0, 3 and 4 probability exactly 0. A uniform draw of exactly 0 (torch.rand
     returns it with probability 2^-24, i.e. a few times per million RL tokens) must not pick one."""
     logits = torch.tensor([[0.0, 3.0, 2.0, -1.0, 0.5]])
     assert int(M.sample_next(logits, 1.0, 2, torch.full((1, 1), u))) in (1, 2)
+
 
 # ---------------------------------------------------------------------------------------------
 # log-probs
@@ -484,16 +543,20 @@ def test_token_logprobs_of_right_padded_rows_equal_token_by_token(gpt, temperatu
     """The way the RL loss scores rollouts: prompt + completion rows, right-padded, one forward,
     only the completion tokens targeted."""
     prompts, completions = prompts_of([4, 7, 1], seed=2), prompts_of([5, 2, 6], seed=3)
-    idx = M.pad_rows([p + c for p, c in zip(prompts, completions)], "cpu")  # rows of 9, 9 and 7 tokens
+    idx = M.pad_rows(
+        [p + c for p, c in zip(prompts, completions)], "cpu"
+    )  # rows of 9, 9 and 7 tokens
     targets = torch.full((3, 8), -1)
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        targets[i, len(p) - 1:len(p) - 1 + len(c)] = torch.tensor(c)
+        targets[i, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(c)
     logp, entropy = M.token_logprobs(gpt, idx[:, :-1], targets, temperature=temperature)
     assert logp.shape == (3, 8) and logp.dtype == torch.float32 and entropy is None
     assert torch.all(logp[targets == -1] == 0)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ref = torch.tensor(manual_logprobs(gpt, p, c, temperature))
-        torch.testing.assert_close(logp[i, len(p) - 1:len(p) - 1 + len(c)], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            logp[i, len(p) - 1 : len(p) - 1 + len(c)], ref, atol=1e-5, rtol=0
+        )
 
 
 def scoring_case(vocab=100):
@@ -511,10 +574,14 @@ def scoring_case(vocab=100):
 def full_logprobs(model, x, targets, temperature):
     """The reference: every position through the head, (B, T, V) log-softmax, then gather."""
     logp = (model(x)[0].float() / temperature).log_softmax(-1)
-    return logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1), -(logp.exp() * logp).sum(
+        -1
+    )
 
 
-@pytest.mark.parametrize("chunk", [2**23, 300])  # one chunk; several of 3 rows (V = 100), the last one short
+@pytest.mark.parametrize(
+    "chunk", [2**23, 300]
+)  # one chunk; several of 3 rows (V = 100), the last one short
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_equal_the_full_sequence_ones(monkeypatch, chunk, temperature):
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", chunk)
@@ -524,11 +591,15 @@ def test_token_logprobs_equal_the_full_sequence_ones(monkeypatch, chunk, tempera
         ref, ref_entropy = full_logprobs(model, x, targets, temperature)
     assert ref[keep].std() > 0.01  # the test could tell a shifted position apart
     torch.testing.assert_close(logp[keep], ref[keep], atol=1e-6, rtol=0)
-    torch.testing.assert_close(entropy[keep], ref_entropy[keep], atol=1e-5, rtol=0)  # a sum of V terms, reordered
+    torch.testing.assert_close(
+        entropy[keep], ref_entropy[keep], atol=1e-5, rtol=0
+    )  # a sum of V terms, reordered
     assert torch.all(logp[~keep] == 0) and torch.all(entropy[~keep] == 0)
 
 
-@pytest.mark.parametrize("keep", [0, 300, 2**28])  # every chunk's logits recomputed; the first kept; all kept
+@pytest.mark.parametrize(
+    "keep", [0, 300, 2**28]
+)  # every chunk's logits recomputed; the first kept; all kept
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_gradient_equals_the_full_paths(monkeypatch, temperature, keep):
     """The chunked backward gives every parameter the gradient that autograd through the full
@@ -538,8 +609,10 @@ def test_token_logprobs_gradient_equals_the_full_paths(monkeypatch, temperature,
     model, x, targets, keep = scoring_case()
     weights = torch.randn(keep.shape, generator=torch.Generator().manual_seed(1)) * keep
     grads = []
-    for score in (lambda: M.token_logprobs(model, x, targets, temperature)[0],
-                  lambda: full_logprobs(model, x, targets, temperature)[0]):
+    for score in (
+        lambda: M.token_logprobs(model, x, targets, temperature)[0],
+        lambda: full_logprobs(model, x, targets, temperature)[0],
+    ):
         model.zero_grad()
         (score() * weights).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -560,14 +633,20 @@ def test_token_logprobs_never_builds_full_logits(monkeypatch, keep):
     monkeypatch.setattr(logprobs, "logits_chunk", lambda h, *a: rows.append(len(h)) or chunk(h, *a))
     M.token_logprobs(model, x, targets, entropy=True)[0].sum().backward()
     n = int(mask.sum())
-    assert sum(rows) == 2 * n - keep // 100  # forward: every targeted position; backward: those not kept
+    assert (
+        sum(rows) == 2 * n - keep // 100
+    )  # forward: every targeted position; backward: those not kept
     assert max(rows) == 3
     contexts, forward = [], logprobs.TargetLogprobs.forward
-    monkeypatch.setattr(logprobs.TargetLogprobs, "forward", staticmethod(lambda ctx, *a: contexts.append(ctx)
-                                                                         or forward(ctx, *a)))
+    monkeypatch.setattr(
+        logprobs.TargetLogprobs,
+        "forward",
+        staticmethod(lambda ctx, *a: contexts.append(ctx) or forward(ctx, *a)),
+    )
     with torch.no_grad():
         M.token_logprobs(model, x, targets)
     assert contexts[0].kept.numel() == 0
+
 
 # ---------------------------------------------------------------------------------------------
 # bad weight files
@@ -590,7 +669,7 @@ def rewrite(folder, edit):
 def test_truncated_safetensors(hf_folder):
     file = hf_folder / "model.safetensors"
     data = file.read_bytes()
-    file.write_bytes(data[:len(data) // 2])
+    file.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="is truncated: tensor .* ends at byte"):
         GPT.from_pretrained(str(hf_folder))
     file.write_bytes(data[:100])  # cut inside the header
@@ -603,7 +682,9 @@ def test_truncated_safetensors(hf_folder):
 
 @pytest.mark.parametrize("header", [b"not json at all!", b"\xff\xfe\x00garbage"])
 def test_header_that_does_not_parse(hf_folder, header):
-    (hf_folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+    (hf_folder / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\0" * 64
+    )
     with pytest.raises(ValueError, match="does not start with a safetensors JSON header"):
         GPT.from_pretrained(str(hf_folder))
 
@@ -620,15 +701,22 @@ def test_header_that_is_not_an_object(hf_folder):
 def test_tensor_with_wrong_shape(hf_folder):
     def bad_ln(t):
         t["transformer.h.1.ln_2.weight"] = torch.ones(33)
+
     rewrite(hf_folder, bad_ln)
-    with pytest.raises(ValueError, match=r"tensor h.1.ln_2.weight .* has shape \(33,\), expected \(32,\)"):
+    with pytest.raises(
+        ValueError, match=r"tensor h.1.ln_2.weight .* has shape \(33,\), expected \(32,\)"
+    ):
         GPT.from_pretrained(str(hf_folder))
 
     def untransposed(t):  # a Conv1D weight stored the nn.Linear way round
         t["transformer.h.1.ln_2.weight"] = torch.ones(32)
         t["transformer.h.0.mlp.c_fc.weight"] = t["transformer.h.0.mlp.c_fc.weight"].t().contiguous()
+
     rewrite(hf_folder, untransposed)
-    with pytest.raises(ValueError, match=r"tensor h.0.mlp.c_fc.weight .* has shape \(32, 128\), expected \(128, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor h.0.mlp.c_fc.weight .* has shape \(32, 128\), expected \(128, 32\)",
+    ):
         GPT.from_pretrained(str(hf_folder))
 
 
@@ -636,10 +724,10 @@ def test_byte_count_that_does_not_fit_the_shape(hf_folder):
     file = hf_folder / "model.safetensors"
     data = file.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     header["transformer.ln_f.bias"]["shape"] = [16]
     head = json.dumps(header).encode()
-    file.write_bytes(len(head).to_bytes(8, "little") + head + data[8 + n:])
+    file.write_bytes(len(head).to_bytes(8, "little") + head + data[8 + n :])
     with pytest.raises(ValueError, match=r"transformer.ln_f.bias .* do not hold shape \[16\]"):
         GPT.from_pretrained(str(hf_folder))
 
@@ -652,7 +740,9 @@ def test_missing_tensor(hf_folder):
 
 def test_extra_tensor(hf_folder):
     rewrite(hf_folder, lambda t: t.update({"transformer.h.0.attn.q_norm.weight": torch.ones(32)}))
-    with pytest.raises(ValueError, match="has tensor h.0.attn.q_norm.weight that a GPT-2 model does not have"):
+    with pytest.raises(
+        ValueError, match="has tensor h.0.attn.q_norm.weight that a GPT-2 model does not have"
+    ):
         GPT.from_pretrained(str(hf_folder))
 
 
@@ -673,6 +763,7 @@ def test_bare_file_without_config_needs_n_head(hf_folder):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no GPT-2 weights at"):
         GPT.from_pretrained(str(tmp_path))
+
 
 # ---------------------------------------------------------------------------------------------
 # checkpoints
@@ -723,6 +814,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     def crash(src, dst):  # the process dies after writing the temp file, before the rename
         raise KeyboardInterrupt
+
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         M.save_checkpoint(path, model, tok, step=2)
@@ -733,8 +825,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_wrong_architecture_is_an_error(tmp_path):
     small = GPT(GPTConfig(**M.PRESETS["nano"], vocab_size=40))
     wide = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=48, vocab_size=40, block_size=128))
-    with pytest.raises(ValueError, match=r"src: tensor transformer.wte.weight has shape \(40, 32\), "
-                                         r"this model expects \(40, 48\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"src: tensor transformer.wte.weight has shape \(40, 32\), "
+        r"this model expects \(40, 48\)",
+    ):
         M.load_state(wide, small.state_dict(), "src")
     deep = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, vocab_size=40, block_size=128))
     with pytest.raises(ValueError, match=r"src has no tensor transformer.h.2"):
@@ -747,7 +842,9 @@ def test_wrong_architecture_is_an_error(tmp_path):
     ckpt = torch.load(path, weights_only=False)
     ckpt["config"]["n_embd"] = 48  # a checkpoint whose config does not match its weights
     torch.save(ckpt, path)
-    with pytest.raises(ValueError, match=rf"{path}: tensor transformer.wte.weight has shape \(40, 32\)"):
+    with pytest.raises(
+        ValueError, match=rf"{path}: tensor transformer.wte.weight has shape \(40, 32\)"
+    ):
         M.load_model(path)
 
 
@@ -776,10 +873,14 @@ def test_offline_download_says_which_files_to_place_where(tmp_path, monkeypatch)
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
+
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     monkeypatch.setenv("EXGRPO_CACHE", str(tmp_path))
     monkeypatch.delenv("HF_ENDPOINT", raising=False)  # the default endpoint
-    with pytest.raises(SystemExit, match=r"place config.json and model.safetensors from "
-                                         r"https://huggingface.co/openai-community/gpt2 in .*gpt2 and rerun"):
+    with pytest.raises(
+        SystemExit,
+        match=r"place config.json and model.safetensors from "
+        r"https://huggingface.co/openai-community/gpt2 in .*gpt2 and rerun",
+    ):
         M.GPT.from_pretrained("gpt2")
     assert not list((tmp_path / "gpt2").iterdir())  # nothing half-written

@@ -1,5 +1,6 @@
 """tokenizer.py: the offline GPT-2 tokenizer against tiktoken's own gpt2 encoding, the compact task
 vocabulary, and tokenizer state round trips."""
+
 import hashlib
 import json
 import os
@@ -10,8 +11,10 @@ import torch
 
 import tokenizer as T
 
-GPT2_URLS = {"vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-             "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"}
+GPT2_URLS = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
     "Q: Tom has 15 apples. He eats 7.\nA: 15 - 7 = 8. The answer is 8.",
@@ -33,6 +36,7 @@ def reference_encoding(tmp_path_factory):
     """tiktoken's own gpt2 encoding, offline: its cache pre-seeded with the same two files under
     the names tiktoken looks for (sha1 of the URL)."""
     import tiktoken
+
     cache = tmp_path_factory.mktemp("tiktoken_cache")
     for name, path in T.gpt2_bpe_files().items():
         shutil.copy(path, cache / hashlib.sha1(GPT2_URLS[name].encode()).hexdigest())
@@ -60,13 +64,24 @@ def test_gpt2_tokenizer_specials():
     tok = T.get_tokenizer()
     assert (tok.eot, tok.n_vocab) == (50256, 50257)
     assert tok.decode([tok.eot]) == "<|endoftext|>"
-    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]  # plain text: <| end of text |>
+    assert tok.encode("<|endoftext|>") == [
+        27,
+        91,
+        437,
+        1659,
+        5239,
+        91,
+        29,
+    ]  # plain text: <| end of text |>
     assert tok.encode("Hello world") == [15496, 995]  # the ids every GPT-2 user knows
     assert T.tokenizer_from_state(json.loads(json.dumps(tok.state()))) is tok
 
 
 def test_compact_tokenizer():
-    corpus = ["Q: Ann has 3 coins. She flips one.\nA: The answer is yes.", "Q: Bob trades a hat.\nA: 12 - 4 = 8."]
+    corpus = [
+        "Q: Ann has 3 coins. She flips one.\nA: The answer is yes.",
+        "Q: Bob trades a hat.\nA: 12 - 4 = 8.",
+    ]
     tok = T.CompactTokenizer.from_texts(corpus)
     gpt2 = T.get_tokenizer()
     used = sorted({t for text in corpus for t in gpt2.encode(text)} | {gpt2.eot})
@@ -77,8 +92,11 @@ def test_compact_tokenizer():
         assert [used[i] for i in ids] == gpt2.encode(text)
     assert tok.eot == tok.n_vocab - 1 and tok.decode([tok.eot]) == "<|endoftext|>"
     assert tok.decode(tok.encode(corpus[0]) + [tok.eot]) == corpus[0] + "<|endoftext|>"
-    with pytest.raises(ValueError, match=r"token ' z' \(GPT-2 id 1976\) of 'Q: Ann has a zebra' is not in this "
-                                         r"compact vocabulary; rebuild it from texts that include it"):
+    with pytest.raises(
+        ValueError,
+        match=r"token ' z' \(GPT-2 id 1976\) of 'Q: Ann has a zebra' is not in this "
+        r"compact vocabulary; rebuild it from texts that include it",
+    ):
         tok.encode("Q: Ann has a zebra")
     back = T.tokenizer_from_state(json.loads(json.dumps(tok.state())))
     assert isinstance(back, T.CompactTokenizer) and back.ids == tok.ids and back.eot == tok.eot
