@@ -1,23 +1,25 @@
-"""The synthetic reasoning worlds: problems as structured records, their exact solver, and the splits.
+"""The synthetic reasoning worlds: problems as structured records, their exact solver, the splits.
 
 Five state-tracking worlds, each problem a structured record (initial state, ordered events,
 distractor facts, template choices) rendered to one line of text, solved exactly and explained by a
 short rationale ending "The answer is X.":
   arith  a quantity changes by events (buys, gives, loses, doubles); X is an integer 0..99
   coin   people flip or do not flip a coin; X is yes/no ("is it still heads up?")
-  light  people press or do not press a button that steps a light red -> green -> blue; X is a colour
+  light  people press or do not press a button that steps a light red -> green -> blue;
+         X is a colour
   date   a date moves by days, weeks or months (a 365-day year, no year written); X is "April 5"
-  swap   three people trade objects; X is an option letter ("Who has the ball now? Options: (A) Tom ...")
-Splits. train, val and test_id are in distribution. Three splits test out of distribution, each built
-so that a student can reach it, every position and token it needs being trained:
-  ood_long     more events than any training question, with fewer distractor facts: training questions
-               carry a block of 1..8 distractor facts (most 1 or 2, a few up to 8), so the longest ones
-               reach every position ood_long needs (its longest question plus rationale), for every
-               method alike.
-  ood_reverse  the final state is given and the initial one asked (GSM8K-Reversal's analogue). A skill
-               no one can infer from nothing, so it is a rare skill: a small share of the training
-               questions (invert.py's reverse_share, the same for every method) is asked backwards,
-               the test asks only backwards. No default EI rule asks backwards.
+  swap   three people trade objects; X is an option letter
+         ("Who has the ball now? Options: (A) Tom ...")
+Splits. train, val and test_id are in distribution. Three splits test out of distribution, each
+built so that a student can reach it, every position and token it needs being trained:
+  ood_long     more events than any training question, with fewer distractor facts: training
+               questions carry a block of 1..8 distractor facts (most 1 or 2, a few up to 8), so
+               the longest ones reach every position ood_long needs (its longest question plus
+               rationale), for every method alike.
+  ood_reverse  the final state is given and the initial one asked (GSM8K-Reversal's analogue).
+               A skill no one can infer from nothing, so it is a rare skill: a small share of the
+               training questions (invert.py's reverse_share, the same for every method) is asked
+               backwards, the test asks only backwards. No default EI rule asks backwards.
   ood_names    names, items and objects of the 'ood' pools in the asked roles (who acts, what is
                counted or held). They occur in training text, but only in distractor facts.
 val_ood_long, val_ood_reverse and val_ood_names are validation copies of the three (own seeds, no
@@ -29,8 +31,9 @@ import random
 import re
 from dataclasses import dataclass, field, replace
 
-# 'train' entities fill the asked roles (who acts, what is counted or held) of every split but ood_names,
-# 'ood' ones those of ood_names; distractor facts draw from both pools, so every entity is in training text
+# 'train' entities fill the asked roles (who acts, what is counted or held) of every split but
+# ood_names, 'ood' ones those of ood_names; distractor facts draw from both pools, so every entity
+# is in training text
 NAMES = {
     "train": ("Tom", "Ann", "Bob", "Eve", "Sam", "Max", "Amy", "Joe", "Kim", "Dan", "Liz", "Ben"),
     "ood": ("Ivan", "Hans", "Raj", "Rosa", "Omar", "Nina", "Hugo", "Lena", "Igor", "Leo"),
@@ -44,8 +47,8 @@ OBJECTS = {
     "train": ("ball", "hat", "pen", "book", "cup", "key", "bag", "box"),
     "ood": ("bell", "drum", "lamp", "mug", "fork", "ring"),
 }
-# test splits, then the validation copies of the OOD ones (own seeds; made last, so adding them never
-# changes a test file)
+# test splits, then the validation copies of the OOD ones (own seeds; made last, so adding them
+# never changes a test file)
 OOD_SPLITS = ("ood_long", "ood_reverse", "ood_names")
 SPLITS = ("train", "val", "test_id") + OOD_SPLITS + tuple(f"val_{s}" for s in OOD_SPLITS)
 ORD = (
@@ -75,11 +78,8 @@ MONTHS = (
     "December",
 )
 DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-FACTS = (
-    "{name} is {n} years old.",
-    "{name} has {n} {item}.",
-    "{name} wants a {item}.",
-)  # never change the state
+# the distractor facts' templates: they never change the state
+FACTS = ("{name} is {n} years old.", "{name} has {n} {item}.", "{name} wants a {item}.")
 WHEN = ("now", "at the end")
 
 
@@ -91,9 +91,8 @@ class Problem:
     ctx: dict  # the entities the templates name (hero, item, people, options...)
     init: object  # the state before any event
     events: list  # tuples (kind, ...)
-    facts: list = field(
-        default_factory=list
-    )  # (slot, template, name, number, item): slot = events before it
+    # (slot, template, name, number, item): slot = events before it
+    facts: list = field(default_factory=list)
     tpl: list = field(default_factory=list)  # template choice per sentence: init, each event, query
     reverse: bool = False  # ood_reverse: the final state is given, the initial asked
 
@@ -103,13 +102,9 @@ def plural(n, unit):
 
 
 def after(i, n):
-    return (
-        "at the end"
-        if i == n
-        else "after the first event"
-        if i == 1
-        else f"after the first {i} events"
-    )
+    if i == n:
+        return "at the end"
+    return "after the first event" if i == 1 else f"after the first {i} events"
 
 
 def others(pool, used):
@@ -169,17 +164,17 @@ class Arith(World):
         )
 
     def kinds_to_events(self, rng, v, kinds):
-        """Events with fresh amounts (kinds None = free), every state staying in 0..99; None if stuck."""
+        """Events with fresh amounts (kinds None = free), every state staying in 0..99;
+        None if stuck."""
         events = []
         for kind in kinds:
             ok = [k for k, fits in (("add", v < 99), ("sub", v > 0), ("dbl", 0 < v <= 49)) if fits]
             kind = kind or rng.choices(ok, weights=[2 if k != "dbl" else 1 for k in ok])[0]
             if kind not in ok:
                 return None
-            e = (
-                kind,
-                rng.randint(1, min(20, 99 - v if kind == "add" else v)) if kind != "dbl" else 2,
-            )
+            # doubling is one fixed step; an amount keeps the state inside 0..99
+            amount = 2 if kind == "dbl" else rng.randint(1, min(20, 99 - v if kind == "add" else v))
+            e = (kind, amount)
             events.append(e)
             v = self.step(v, e)
         return events
@@ -245,8 +240,8 @@ class Arith(World):
         a, b = states[0], states[-1]
         ans = "more" if b > a else "fewer" if b < a else "same"
         return (
-            f"Compared with before the events, does {p.ctx['h']} have more, fewer, or the same number of "
-            f"{p.ctx['item']} now?",
+            f"Compared with before the events, does {p.ctx['h']} have more, fewer, or the same "
+            f"number of {p.ctx['item']} now?",
             f"{p.ctx['h']} goes from {a} to {b}.",
             ans,
         )
@@ -279,11 +274,8 @@ class Arith(World):
 
 class Coin(World):
     name, latent_name = "coin", "side"
-    ACT, OBJECT, ASKED = (
-        "flip",
-        "coin",
-        "whether the coin is heads up",
-    )  # for the rules Light shares
+    # for the rules Light shares
+    ACT, OBJECT, ASKED = "flip", "coin", "whether the coin is heads up"
     INIT = ("A coin is {s} up.", "The coin starts {s} up.")
     EVENT = {
         "flip": ("{n} flips the coin.", "{n} turns the coin over."),
@@ -353,9 +345,11 @@ class Coin(World):
 
     def compare(self, p, states):
         c = sum(e[0] == "flip" for e in p.events)
+        verb = "is" if c == 1 else "are"
+        parity = "odd" if c % 2 else "even"
         return (
             "Is the coin on the same side now as before the events?",
-            f"There {'is' if c == 1 else 'are'} {plural(c, 'flip')}, and {c} is {'odd' if c % 2 else 'even'}.",
+            f"There {verb} {plural(c, 'flip')}, and {c} is {parity}.",
             "no" if c % 2 else "yes",
         )
 
@@ -377,9 +371,8 @@ class Coin(World):
     def perturb(self, p, rng):
         i = rng.randrange(len(p.events))
         e = ({self.ACT: "keep", "keep": self.ACT}[p.events[i][0]], p.events[i][1])
-        return replace(p, events=p.events[:i] + [e] + p.events[i + 1 :]), self.event_text(
-            p, e, p.tpl[i + 1]
-        )
+        alt = replace(p, events=p.events[:i] + [e] + p.events[i + 1 :])
+        return alt, self.event_text(p, e, p.tpl[i + 1])
 
     def analogue(self, p, rng):
         fresh = others(NAMES["train"], self.people(p))
@@ -389,9 +382,9 @@ class Coin(World):
 
 
 class Light(Coin):
-    """coin with three states: each press moves the light one colour along red -> green -> blue -> red.
-    The same local update as coin (read the event, step the state), with three answers (chance 1/3)
-    and a random first colour, so every answer is equally likely."""
+    """coin with three states: each press moves the light one colour along
+    red -> green -> blue -> red. The same local update as coin (read the event, step the state),
+    with three answers (chance 1/3) and a random first colour, so every answer is equally likely."""
 
     name, latent_name = "light", "colour"
     ACT, OBJECT, ASKED = "press", "button", "the colour of the light"
@@ -452,10 +445,12 @@ class Light(Coin):
 
     def compare(self, p, states):
         c = sum(e[0] == "press" for e in p.events)
+        same = c % 3 == 0  # every three presses bring the light back to its colour
         return (
             "Is the light the same colour now as before the events?",
-            f"The button is pressed {plural(c, 'time')}, and {c} is {'' if c % 3 == 0 else 'not '}a multiple of 3.",
-            "yes" if c % 3 == 0 else "no",
+            f"The button is pressed {plural(c, 'time')}, and {c} is "
+            f"{'' if same else 'not '}a multiple of 3.",
+            "yes" if same else "no",
         )
 
     def analogue(self, p, rng):
@@ -476,6 +471,7 @@ class Date(World):
         1: ("The {thing} moves {n} later.", "The {thing} is delayed by {n}."),
         -1: ("The {thing} moves {n} earlier.", "The {thing} is moved {n} earlier."),
     }
+    MAX_MOVE = {"day": 9, "week": 3, "month": 2}  # the largest move of each kind, in its unit
 
     @staticmethod
     def fmt(s):
@@ -491,10 +487,7 @@ class Date(World):
         events = []
         for _ in range(n):
             kind = rng.choices(["day", "week", "month"], weights=[5, 3, 2 if s[1] <= 28 else 0])[0]
-            e = (
-                kind,
-                rng.choice([-1, 1]) * rng.randint(1, {"day": 9, "week": 3, "month": 2}[kind]),
-            )
+            e = (kind, rng.choice([-1, 1]) * rng.randint(1, self.MAX_MOVE[kind]))
             events.append(e)
             s = self.step(s, e)
         return ctx, init, events
@@ -579,7 +572,8 @@ class Date(World):
         expr = str(d[0]) + "".join(f" {'+' if x > 0 else '-'} {abs(x)}" for x in d[1:])
         ans = "later" if tot > 0 else "earlier" if tot < 0 else "same"
         return (
-            f"Is the {p.ctx['thing']} now later, earlier, or on the same date as before the events?",
+            f"Is the {p.ctx['thing']} now later, earlier, or on the same date "
+            "as before the events?",
             f"The moves add up to {expr} = {tot} days.",
             ans,
         )
@@ -606,10 +600,7 @@ class Date(World):
         for _ in range(100):
             init = (rng.randint(1, 12), rng.randint(1, 28))
             events = [
-                (
-                    kind,
-                    (1 if k > 0 else -1) * rng.randint(1, {"day": 9, "week": 3, "month": 2}[kind]),
-                )
+                (kind, (1 if k > 0 else -1) * rng.randint(1, self.MAX_MOVE[kind]))
                 for kind, k in p.events
             ]
             alt = replace(p, ctx=ctx, init=init, events=events)
@@ -619,10 +610,11 @@ class Date(World):
 
 
 class Swap(World):
-    """Three people trade objects; the question asks who holds one object. The rationale follows that
-    object from holder to holder, one short step per event (a lookup of the current holder and the two
-    traders), the way coin follows its side: a tiny student learns it. Asking what a person holds
-    instead needs the whole assignment at every step, and a tiny student stayed at chance on it."""
+    """Three people trade objects; the question asks who holds one object. The rationale follows
+    that object from holder to holder, one short step per event (a lookup of the current holder and
+    the two traders), the way coin follows its side: a tiny student learns it. Asking what a person
+    holds instead needs the whole assignment at every step, and a tiny student stayed at chance on
+    it."""
 
     name, latent_name = "swap", "holder"
     INIT = (
@@ -684,9 +676,8 @@ class Swap(World):
         return "ABC"[p.ctx["options"].index(self.value(p, s))]
 
     def conclusion(self, p, s, past):
-        return [
-            f"{self.value(p, s)} {'had' if past else 'has'} the {p.ctx['obj']}, option {self.answer(p, s)}."
-        ]
+        who, verb = self.value(p, s), "had" if past else "has"
+        return [f"{who} {verb} the {p.ctx['obj']}, option {self.answer(p, s)}."]
 
     def latent(self, p, s):
         return self.value(p, s)
@@ -701,7 +692,8 @@ class Swap(World):
         return rng.choice(others(p.ctx["people"], [self.value(p, s)]))
 
     def last_move(self, p, states):
-        """(event index, giver, taker) of the last event that moves the asked object; None if it never moves."""
+        """(event index, giver, taker) of the last event that moves the asked object;
+        None if it never moves."""
         moves = [
             i
             for i in range(len(p.events))
@@ -751,8 +743,8 @@ WORLDS = {w.name: w for w in (Arith(), Coin(), Light(), Date(), Swap())}
 
 
 def chain(p, events=None):
-    """The states after 0, 1, ..., n events; None if an event is impossible (a derived problem may break
-    a world's limits: a negative count, April 31)."""
+    """The states after 0, 1, ..., n events; None if an event is impossible (a derived problem may
+    break a world's limits: a negative count, April 31)."""
     w, states = WORLDS[p.world], [p.init]
     for e in p.events if events is None else events:
         states.append(w.step(states[-1], e))
@@ -762,7 +754,8 @@ def chain(p, events=None):
 
 
 def layout(p):
-    """(question, event_ends, query_start): event_ends[i] is the offset just past event i+1's sentence."""
+    """(question, event_ends, query_start): event_ends[i] is the offset just past event i+1's
+    sentence."""
     w, sents, ends = WORLDS[p.world], [], []
 
     def add(s):  # -> the offset just past s
@@ -802,8 +795,8 @@ def query(p):
 
 
 def explain(p, states, events, upto=None):
-    """The world's opening sentence, then one rationale step per event, e.g. "15 + 6 = 21." (the first
-    `upto` events)."""
+    """The world's opening sentence, then one rationale step per event, e.g. "15 + 6 = 21."
+    (the first `upto` events)."""
     w = WORLDS[p.world]
     return w.start(p, states[0]) + [
         w.step_text(a, e, b, p) for a, e, b in list(zip(states, events, states[1:]))[:upto]
@@ -825,9 +818,10 @@ def solve(p):
 
 
 def make_facts(p, rng, slots):
-    """Distractor facts with a person and a number that appear nowhere else in the problem. Their names,
-    items and objects come from the training and the OOD pools alike: every entity of ood_names occurs
-    in training text, but only here, in a role that never changes the state or the answer."""
+    """Distractor facts with a person and a number that appear nowhere else in the problem. Their
+    names, items and objects come from the training and the OOD pools alike: every entity of
+    ood_names occurs in training text, but only here, in a role that never changes the state or the
+    answer."""
     w = WORLDS[p.world]
     used = set(re.findall(r"\d+", question(p) + question(replace(p, reverse=not p.reverse))))
     taken, facts = set(w.people(p)), []
@@ -844,17 +838,9 @@ def make_facts(p, rng, slots):
 
 def make_problem(world, split, i, rng, n_events, pool="train", reverse=False, n_facts=1):
     ctx, init, events = WORLDS[world].sample(rng, n_events, pool, reverse)
-    p = Problem(
-        f"{world}-{split}-{i:05d}",
-        world,
-        split,
-        ctx,
-        init,
-        events,
-        [],
-        [rng.randrange(6) for _ in range(n_events + 2)],
-        reverse,
-    )  # 6: uniform over 2 or 3 templates
+    # a template choice per sentence (init, each event, query); 6: uniform over 2 or 3 templates
+    tpl = [rng.randrange(6) for _ in range(n_events + 2)]
+    p = Problem(f"{world}-{split}-{i:05d}", world, split, ctx, init, events, [], tpl, reverse)
     p.facts = make_facts(p, rng, [0] * n_facts)  # one block before the events: they stay contiguous
     return p
 
@@ -865,8 +851,9 @@ def span(n):
 
 
 def draw_count(rng, lo, hi, decay=1.0):
-    """A count in lo..hi, each one `decay` times as likely as the one before (1: uniform). With decay < 1
-    most questions are short and a few are long: the long ones still train the late positions."""
+    """A count in lo..hi, each one `decay` times as likely as the one before (1: uniform). With
+    decay < 1 most questions are short and a few are long: the long ones still train the late
+    positions."""
     if decay == 1.0:
         return rng.randint(lo, hi)
     return rng.choices(range(lo, hi + 1), weights=[decay ** (n - lo) for n in range(lo, hi + 1)])[0]
@@ -884,11 +871,12 @@ def make_dataset(
     facts_decay=1.0,
 ):
     """{split: [Problem]} for the splits in `sizes` ({split: n}), each from its own seeded stream.
-    Every split draws its event count from `events` and its number of distractor facts from `n_facts`
-    (a count or a (lo, hi) range, each count `facts_decay` times as likely as the one before), except ood_long: `long_events` events and `long_facts` facts (default
-    n_facts; fewer facts keep its longer chains inside the token lengths training covers). ood_reverse
-    asks backwards, and a `reverse_share` of the train questions too (the rare-skill regime: every
-    method sees the same few). ood_names fills the asked roles from the OOD pools. val_<split> is a
+    Every split draws its event count from `events` and its number of distractor facts from
+    `n_facts` (a count or a (lo, hi) range, each count `facts_decay` times as likely as the one
+    before), except ood_long: `long_events` events and `long_facts` facts (default n_facts; fewer
+    facts keep its longer chains inside the token lengths training covers). ood_reverse asks
+    backwards, and a `reverse_share` of the train questions too (the rare-skill regime: every method
+    sees the same few). ood_names fills the asked roles from the OOD pools. val_<split> is a
     validation copy of <split>, from its own seed. A question never repeats across splits."""
     seen, out = set(), {}
     for split in (s for s in SPLITS if sizes.get(s)):
@@ -901,7 +889,8 @@ def make_dataset(
             tries += 1
             if tries > 20 * sizes[split] + 1000:
                 raise SystemExit(
-                    f"cannot make {sizes[split]} distinct {world} problems for {split}: ask for fewer"
+                    f"cannot make {sizes[split]} distinct {world} problems for {split}: "
+                    "ask for fewer"
                 )
             reverse = kind == "ood_reverse" or (kind == "train" and rng.random() < reverse_share)
             p = make_problem(
