@@ -31,9 +31,8 @@ from model import (
     load_model,
     load_state,
     save_checkpoint,
-    token_logprobs,
 )
-from tasks import accuracy, load_records, read_split, sft_batch, sft_examples
+from tasks import load_records, read_split
 from tokenizer import CompactTokenizer
 
 
@@ -56,12 +55,13 @@ def unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def all_reduce_sum(values, device):
-    """Sum a list of floats over DDP ranks (identity when not distributed)."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+def all_reduce_named(values, device):
+    """Sum named numbers over DDP ranks in one call: {name: number} -> {name: float} (identity
+    when not distributed)."""
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
-    return t.tolist()
+    return dict(zip(values, t.tolist()))
 
 
 def optimizer_step(model, optimizer, grad_clip, loss_value, where):
@@ -127,7 +127,8 @@ def read_log(path):
             records.append(record)
         elif n < len(lines):
             raise UserError(
-                f"{path}:{n} is not a step's JSON record: the log is damaged; move it away to start anew"
+                f"{path}:{n} is not a step's JSON record: the log is damaged; "
+                "move it away to start anew"
             )
         else:
             print(
@@ -157,9 +158,10 @@ class Run:
             ckpt = load_checkpoint(self.ckpt_path)
             if ckpt["extra"].get("stage") != cfg.stage or ckpt["step"] > total:
                 raise UserError(
-                    f"{self.ckpt_path} is a {ckpt['extra'].get('stage')} checkpoint at step {ckpt['step']}: "
-                    f"it cannot resume --stage={cfg.stage} --{limit}={total}; resume with the same stage "
-                    f"and a limit of at least {ckpt['step']}, or choose another --name"
+                    f"{self.ckpt_path} is a {ckpt['extra'].get('stage')} checkpoint at step "
+                    f"{ckpt['step']}: it cannot resume --stage={cfg.stage} --{limit}={total}; "
+                    f"resume with the same stage and a limit of at least {ckpt['step']}, "
+                    "or choose another --name"
                 )
             load_state(model, ckpt["model"], self.ckpt_path)
             try:
@@ -389,79 +391,3 @@ def get_lr(step, cfg, peak, total, warmup):
     return peak * (
         cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     )
-
-
-def rl_metrics(batch, stats, cfg, device):
-    """An RL step's log line: rewards per component, both scenarios' accuracy, the DSU fire rate, KL,
-    clip fraction, entropy, zero-std groups, lengths and tokens trained, summed over DDP ranks
-    (TRL-style names where they exist)."""
-    cf, cp, rewards, lens = (
-        batch["correct_full"],
-        batch["correct_partial"],
-        batch["rewards"],
-        batch["lens"],
-    )
-    sums = all_reduce_sum(
-        [
-            cf.sum(),
-            cf.numel(),
-            cp.sum(),
-            cp.numel(),
-            rewards.sum(),
-            batch["fired"].sum(),
-            cf.size(0),
-            (batch["groups"].std(1, unbiased=False) == 0).sum(),
-            stats["kl"],
-            stats["clipped"],
-            stats["entropy"],
-            sum(lens),
-            stats["aux"],
-        ],
-        device,
-    )
-    ok_a, n_a, ok_b, n_b, rew, fired, n_q, zero_std, kl, clipped, ent, gen_tokens, aux = sums
-    n_tok = stats["n_tokens"]
-    return {
-        "reward": rew / n_a,
-        "reward_outcome": ok_a / n_a,
-        "reward_dsu_bonus": (rew - ok_a) / n_a,
-        "acc_full": ok_a / n_a,
-        "acc_partial": ok_b / n_b if n_b else None,
-        "p_full_minus_partial": ok_a / n_a - ok_b / n_b if n_b else None,
-        "dsu_fire_rate": fired / n_q if cfg.algo == "exgrpo" and cfg.dsu_bonus else None,
-        "kl": kl / n_tok if cfg.beta else None,
-        "clip_frac": clipped / n_tok,
-        "entropy": ent / n_tok,
-        "aux_loss": aux if batch["aux"] else None,
-        "loss": stats["loss"],
-        "grad_norm": stats["grad_norm"],
-        "frac_zero_std": zero_std / n_q,
-        "resp_len_mean": sum(lens) / len(lens),
-        "resp_len_max": max(lens),
-        "gen_tokens": gen_tokens,
-        "tokens_trained": n_tok,
-        "max_position": max(map(len, batch["rows"])) - 2,
-        "adv_bonus_share": batch["adv_bonus_share"],
-    }  # |U with the bonus - U without| / |U| (rank 0's)
-
-
-def summed_nll(model, x, y):
-    """L_SFT summed over the trained targets of (x, y) (-1: not trained)."""
-    return -token_logprobs(model, x, y)[0].sum()
-
-
-@torch.no_grad()
-def evaluate_sft(model, tok, val, cfg, device):
-    """Validation loss (teacher-forced, original questions) and greedy accuracy."""
-    model.eval()
-    examples = [[question] for question, _ in sft_examples(tok, val)]
-    nll = sum(
-        summed_nll(model, *sft_batch(examples[i : i + cfg.batch_size], device)).item()
-        for i in range(0, len(examples), cfg.batch_size)
-    )
-    result = {
-        "val_loss": nll / sum(len(r) for [(_, r)] in examples),
-        "val_acc": accuracy(model, tok, val, cfg.max_new_tokens),
-    }
-    model.train()
-    return result

@@ -12,7 +12,15 @@ import torch
 
 import distill_rl
 from configurator import mixed_precision
-from distill_rl import Config, dsu_bonus, group_advantages, masked_logprobs, policy_update, rl_loss
+from distill_rl import (
+    Config,
+    RolloutBatch,
+    dsu_bonus,
+    group_advantages,
+    masked_logprobs,
+    policy_update,
+    rl_loss,
+)
 from model import GPT, GPTConfig, KVCache, load_checkpoint
 from tasks import prompt_ids
 from tokenizer import CompactTokenizer
@@ -142,11 +150,11 @@ def test_kl_positive_and_finite_after_one_update():
     rows, masks = rollout_rows()
     cfg = Config(algo="grpo", beta=0.04, rl_lr=1e-2, micro_batch=8, ppo_epochs=1, aux_coef=0.0)
     optimizer = model.configure_optimizer(cfg.rl_lr, 0.0)
-    batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
+    batch = RolloutBatch(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]))
     first = policy_update(model, ref, optimizer, batch, cfg, 1, "in the test")
-    assert first["kl"] == 0.0
+    assert first.kl == 0.0
     second = policy_update(model, ref, optimizer, batch, cfg, 1, "in the test")
-    assert 0 < second["kl"] < float("inf")
+    assert 0 < second.kl < float("inf")
 
 
 def kept_gradient(model, ref, batch, cfg):
@@ -164,7 +172,7 @@ def test_one_epoch_reuses_the_update_forward_and_beta_zero_skips_the_reference(b
     the gradient is the one from a separately scored pi_old. beta = 0: pi_ref is never scored
     (None would fail), and the gradient is the one with a reference scored and weighted by 0."""
     rows, masks = rollout_rows()
-    batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
+    batch = RolloutBatch(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]))
     cfg = Config(algo="grpo", beta=beta, micro_batch=8, aux_coef=0.0, grad_clip=1e9)
     got = kept_gradient(nano(), nano(seed=1) if beta else None, batch, cfg)
     model, ref = nano(), nano(seed=1)
@@ -172,7 +180,7 @@ def test_one_epoch_reuses_the_update_forward_and_beta_zero_skips_the_reference(b
         old, _, _ = masked_logprobs(model, rows, masks, "cpu", 1.0)
         ref_logp, _, _ = masked_logprobs(ref, rows, masks, "cpu", 1.0)
     logp, mask, _ = masked_logprobs(model, rows, masks, "cpu", 1.0)
-    rl_loss(logp, old, ref_logp, mask, batch["adv"], cfg, 2, float(mask.sum()))[0].backward()
+    rl_loss(logp, old, ref_logp, mask, batch.adv, cfg, 2, float(mask.sum()))[0].backward()
     expected = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert expected.abs().max() > 0
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
@@ -256,7 +264,7 @@ def test_gradient_accumulation_equals_full_batch():
     grads = []
     for micro in (6, 4, 1):
         cfg = Config(algo="exgrpo", beta=0.04, micro_batch=micro, aux_coef=0.1, rl_lr=0.0)
-        batch = dict(rows=rows, masks=masks, adv=adv, aux=aux, aux_masks=aux_masks)
+        batch = RolloutBatch(rows=rows, masks=masks, adv=adv, aux=aux, aux_masks=aux_masks)
         grads.append(kept_gradient(nano(), nano(seed=1), batch, cfg))
     assert torch.allclose(grads[0], grads[1], atol=1e-7) and torch.allclose(
         grads[0], grads[2], atol=1e-7
@@ -380,11 +388,11 @@ def test_bf16_autocast_path_on_cpu(data_dir):
     assert bf16.dtype == entropy.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert 0 < (bf16 - fp32).abs().max() < 0.05
     cfg = Config(algo="grpo", micro_batch=8, aux_coef=0.0, dtype="bfloat16")
-    batch = dict(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]), aux=[], aux_masks=[])
+    batch = RolloutBatch(rows=rows, masks=masks, adv=torch.tensor([1.0, -1.0]))
     stats = policy_update(
         model, nano(), model.configure_optimizer(1e-3, 0.0), batch, cfg, 1, "in the test"
     )
-    assert stats["kl"] == 0.0 and stats["clipped"] == 0.0 and math.isfinite(stats["loss"])
+    assert stats.kl == 0.0 and stats.clipped == 0.0 and math.isfinite(stats.loss)
 
 
 def test_compile_wraps_the_training_forward_and_the_decode_step(data_dir, monkeypatch):
@@ -463,14 +471,14 @@ def test_rl_resume_equals_uninterrupted_run(data_dir, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, monkeypatch):
-    real, calls = distill_rl.summed_nll, []
+    real, calls = distill_rl.sft_loss, []
 
     def nan_on_second_step(*args, **kwargs):
         calls.append(1)
         out = real(*args, **kwargs)
         return out * float("nan") if len(calls) == 2 else out
 
-    monkeypatch.setattr(distill_rl, "summed_nll", nan_on_second_step)
+    monkeypatch.setattr(distill_rl, "sft_loss", nan_on_second_step)
     with pytest.raises(
         SystemExit,
         match=r"loss nan .* at step 2; the last good checkpoint .*nan_run.pt\) is intact",
@@ -629,9 +637,9 @@ def test_rollout_masks_and_scenario_b_flags():
         )
         batch = distill_rl.rollout_batch(model, tok, records, cfg, random.Random(0), "cpu")
         n_rows = 2 * Q * G if partial else Q * G
-        assert len(batch["rows"]) == len(batch["masks"]) == len(batch["adv"]) == n_rows
+        assert len(batch.rows) == len(batch.masks) == len(batch.adv) == n_rows
         q_prompt = prompt_ids(tok, records[0]["question"])
-        for row, mask in zip(batch["rows"], batch["masks"]):
+        for row, mask in zip(batch.rows, batch.masks):
             assert len(row) == len(mask)
             start = max(
                 i
@@ -657,7 +665,7 @@ def test_joint_group_lifts_correct_full_rollouts_when_the_bonus_fires():
 
     def adv_a(**flags):
         cfg = Config(delta=0.5, nu=1.0, **flags)
-        return distill_rl.scenario_advantages(full, partial, cfg, "group")[2][0]
+        return distill_rl.scenario_advantages(full, partial, cfg, "group").adv_full[0]
 
     plain, bonus = adv_a(dsu_bonus=False), adv_a(dsu_bonus=True)
     assert plain[0].item() == pytest.approx(0.625 / (0.375 * 0.625) ** 0.5, abs=1e-3)
@@ -711,7 +719,7 @@ def test_dsu_share_by_hand():
         ([[1.0, 1.0]], [[1.0, 0.0]], 1 - 2**-0.5),
     ):
         full, partial = torch.tensor(full), torch.tensor(partial)
-        adv_a = distill_rl.scenario_advantages(full, partial, cfg, "group")[2]
+        adv_a = distill_rl.scenario_advantages(full, partial, cfg, "group").adv_full
         assert distill_rl.dsu_share(full, partial, adv_a, cfg, "group") == pytest.approx(
             share, abs=1e-3
         )
