@@ -47,22 +47,21 @@ def about(p, rule, tail, body, ans):
 
 
 def counterfactual(p, rng):
-    got = WORLDS[p.world].perturb(p, rng)
-    return got and Probe(
-        "counterfactual", f"{story(p)} Suppose instead: {got[1]} {query(p)}", *solve(got[0])
-    )
+    got = WORLDS[p.world].perturb(p, rng)  # (the changed problem, its changed sentence) or None
+    if got is None:
+        return None
+    alt, changed = got
+    return Probe("counterfactual", f"{story(p)} Suppose instead: {changed} {query(p)}", *solve(alt))
 
 
 def step_challenge(p, rng):
     w, i = WORLDS[p.world], rng.randrange(len(p.events))
-    got = w.effect(p, p.events[i])
-    return got and about(
-        p,
-        "step_challenge",
-        f"Consider the event: {w.event_text(p, p.events[i], p.tpl[i + 1])} {got[0]}",
-        got[1],
-        got[2],
-    )
+    got = w.effect(p, p.events[i])  # (question, reason, answer) or None
+    if got is None:
+        return None
+    ask, reason, ans = got
+    event = w.event_text(p, p.events[i], p.tpl[i + 1])
+    return about(p, "step_challenge", f"Consider the event: {event} {ask}", reason, ans)
 
 
 def decompose(p, rng):
@@ -195,8 +194,8 @@ EI_RULES = {
 
 
 def ei_probes(p, rules=DEFAULT_RULES, seed=0):
-    """The EI probes of a problem (rules in order; a rule that does not fit gives none). The rules read
-    the forward problem, so an ood_reverse problem gets the same kind of probes as any other."""
+    """The EI probes of a problem, rules in order (a rule that does not fit gives none). The rules
+    read the forward problem: an ood_reverse problem gets the same kind of probes as any other."""
     fwd, out = replace(p, reverse=False), []
     for name in rules:
         probe = EI_RULES[name](fwd, random.Random(f"{seed}|{p.id}|{name}"))
@@ -206,12 +205,12 @@ def ei_probes(p, rules=DEFAULT_RULES, seed=0):
 
 
 def to_record(p, probes=()):
-    """The JSON record of a problem, with the oracle's rationale: id, world, split, question, answer,
-    rationale (the whole response, ending "The answer is <answer>."), probes [{rule, question,
-    rationale, answer}] and latent (for probe.py): name, states (a label after 0, 1, ..., n events),
-    event_ends (offset in question just past event i's sentence), query_start (where the query begins).
-    Latents: arith the count's last digit, coin the side up, light the colour, date the month, swap
-    what the queried person holds (the variable the answer reads out)."""
+    """The JSON record of a problem, with the oracle's rationale: id, world, split, question,
+    answer, rationale (the whole response, ending "The answer is <answer>."), probes [{rule,
+    question, rationale, answer}] and latent (for probe.py): name, states (a label after 0, 1, ...,
+    n events), event_ends (offset in question just past event i's sentence), query_start (where the
+    query begins). Latents: arith the count's last digit, coin the side up, light the colour, date
+    the month, swap who holds the asked object (the variable the answer reads out)."""
     w, (q, ends, qstart), (rationale, answer) = WORLDS[p.world], layout(p), solve(p)
     return {
         "id": p.id,
@@ -231,8 +230,9 @@ def to_record(p, probes=()):
 
 
 class OracleTeacher:
-    """The exact solver as a teacher. It answers the questions worlds.py and the EI rules rendered (problems and probes,
-    passed in as records) and ignores any dialogue in front: an exact solver cannot be distracted."""
+    """The exact solver as a teacher. It answers the questions worlds.py and the EI rules rendered
+    (problems and probes, passed in as records) and ignores any dialogue in front: an exact solver
+    cannot be distracted."""
 
     def __init__(self, records):
         self.known = {}
@@ -262,7 +262,8 @@ def response_ids(tok, response):
 
 
 def dialogue_ids(tok, turns, question):
-    """A multi-turn prompt: each earlier (question, response) turn, EOT-terminated, then the question."""
+    """A multi-turn prompt: each earlier (question, response) turn, EOT-terminated, then the
+    question."""
     ids = []
     for q, r in turns:
         ids += prompt_ids(tok, q) + response_ids(tok, r)
@@ -282,8 +283,9 @@ def normalise(x):
 
 
 def is_correct(world, text, gold, question=None):
-    """Whether the last "The answer is X." in text matches gold ("7", "7." and "07" match 7; "seven" does
-    not). In the swap world, given the question, an option may be named by letter or by object."""
+    """Whether the last "The answer is X." in text matches gold ("7", "7." and "07" match 7;
+    "seven" does not). In the swap world, given the question, an option may be named by letter or
+    by object."""
     pred = extract_answer(text)
     if pred is None:
         return False
@@ -298,11 +300,13 @@ def is_correct(world, text, gold, question=None):
 
 
 def check_record(r, where, rationale=True):
-    """Fill a user's record up to our schema; stop with where (file:line) and what was expected. With
-    rationale=False a record may leave its rationale out (None: an LLM teacher writes it, invert.py)."""
+    """Fill a user's record up to our schema; stop with where (file:line) and what was expected.
+    With rationale=False a record may leave its rationale out (None: an LLM teacher writes it,
+    invert.py)."""
     if not isinstance(r, dict):
         raise SystemExit(
-            f"{where}: expected a JSON object with question, answer, rationale, got {type(r).__name__}"
+            f"{where}: expected a JSON object with question, answer, rationale, "
+            f"got {type(r).__name__}"
         )
     fields = (
         ("question", str, None),
@@ -323,12 +327,13 @@ def check_record(r, where, rationale=True):
         if not isinstance(r[key], typ) or (typ is str and not r[key]):
             expected = "a non-empty string" if typ is str else "a list of objects"
             raise SystemExit(f"{where}: field '{key}' must be {expected}, got {json.dumps(r[key])}")
-    if r["rationale"] is not None and not is_correct(
-        r["world"], r["rationale"], r["answer"], r["question"]
-    ):
-        raise SystemExit(
-            f"{where}: the rationale must end with 'The answer is {r['answer']}.' (the record's answer)"
-        )
+    # a rationale left out (None) has nothing to check yet
+    if r["rationale"] is not None:
+        if not is_correct(r["world"], r["rationale"], r["answer"], r["question"]):
+            raise SystemExit(
+                f"{where}: the rationale must end with 'The answer is {r['answer']}.' "
+                "(the record's answer)"
+            )
     for k, pr in enumerate(r["probes"]):
         if not isinstance(pr, dict):
             raise SystemExit(
@@ -351,15 +356,15 @@ def check_record(r, where, rationale=True):
 
 def load_records(path, world=None, rationale=True):
     """The records of a JSONL file (ours, or a user's with question, answer, rationale and optional
-    probes, id, world), checked line by line; optionally only one world's. rationale=False: see check_record."""
+    probes, id, world), checked line by line; optionally only one world's. rationale=False: see
+    check_record."""
     if not os.path.isfile(path):
         raise SystemExit(
             f"{path} is not a file" if os.path.exists(path) else f"{path} does not exist"
         )
     out = []
-    with open(
-        path, "rb"
-    ) as f:  # bytes, decoded line by line: a bad encoding is named with its line
+    # bytes, decoded line by line: a bad encoding is named with its line
+    with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -387,13 +392,14 @@ def read_split(data_dir, split, worlds=None, required=True):
         if not required:
             return []
         raise SystemExit(
-            f"{path} does not exist: run `python invert.py --out_dir={os.path.dirname(data_dir)}` first"
+            f"{path} does not exist: "
+            f"run `python invert.py --out_dir={os.path.dirname(data_dir)}` first"
         )
     return [r for r in load_records(path) if worlds is None or r["world"] in worlds]
 
 
 def greedy_answers(model, tok, questions, max_new_tokens, batch_size=128):
-    """Greedy single-turn responses, the question alone in the prompt: how every accuracy is measured."""
+    """Greedy single-turn responses, the question alone in the prompt: how accuracy is measured."""
     texts = []
     for i in range(0, len(questions), batch_size):
         prompts = [prompt_ids(tok, q) for q in questions[i : i + batch_size]]
