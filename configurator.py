@@ -27,14 +27,12 @@ class UserError(ValueError):
 def cli(main):
     """Run main(sys.argv[1:]) as a command. What a user can cause (a UserError, a missing or
     unreadable file or folder, a full disk, text that is not UTF-8, JSON that does not parse)
-    becomes one sentence on stderr and exit code 1; anything else is a bug and keeps its traceback."""
+    becomes one sentence on stderr and exit code 1; anything else is a bug and keeps its
+    traceback."""
     try:
         main(sys.argv[1:])
-    except (
-        UserError,
-        OSError,
-        UnicodeDecodeError,
-    ) as e:  # json.JSONDecodeError is a ValueError: below
+    # json.JSONDecodeError is a ValueError: below
+    except (UserError, OSError, UnicodeDecodeError) as e:
         sys.exit(describe(e))
     except json.JSONDecodeError as e:
         sys.exit(f"a file is not valid JSON ({e})")
@@ -44,9 +42,8 @@ def describe(e):
     """The one sentence cli() shows for a user's error."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return "no space left on device" + (f" to write {e.filename}" if e.filename else "")
-    if (
-        isinstance(e, OSError) and e.filename and e.strerror
-    ):  # raised by open(), os.*: name the path
+    # raised by open(), os.*: name the path
+    if isinstance(e, OSError) and e.filename and e.strerror:
         return f"{e.filename}: {e.strerror}"
     if isinstance(e, UnicodeDecodeError):
         return f"a file is not UTF-8 text ({e.reason} at byte {e.start})"
@@ -54,7 +51,8 @@ def describe(e):
 
 
 def read_preset(path):
-    """The names a config/*.py preset defines. A preset that does not run stops with its file and line."""
+    """The names a config/*.py preset defines. A preset that does not run stops with its file and
+    line."""
     if not os.path.isfile(path):
         raise SystemExit(
             f"config file {path} does not exist (arguments are presets or --key=value)"
@@ -92,9 +90,8 @@ def parse_config(cfg, argv, limits=None):
         if not arg.startswith("--"):
             for key, value in read_preset(arg).items():
                 if key in fields:
-                    setattr(
-                        cfg, key, coerce(f"{arg}: {key}", value, getattr(cfg, key), repr(value))
-                    )
+                    checked = coerce(f"{arg}: {key}", value, getattr(cfg, key), repr(value))
+                    setattr(cfg, key, checked)
             continue
         key, sep, raw = arg[2:].partition("=")
         if not sep:
@@ -115,7 +112,8 @@ def parse_config(cfg, argv, limits=None):
 
 def check_fields(cfg, limits):
     """Check each field against limits {field: (choices, ...) or an interval "[1, inf)", "(0, 1]"}.
-    Every int and float field needs an entry: a new number without limits is a bug, not a default."""
+    Every int and float field needs an entry: a new number without limits is a bug, not a
+    default."""
     for f in dataclasses.fields(cfg):
         value, rule = getattr(cfg, f.name), limits.get(f.name)
         if isinstance(rule, tuple):
@@ -126,9 +124,8 @@ def check_fields(cfg, limits):
             above = value > lo if rule[0] == "(" else value >= lo
             below = value < hi if rule[-1] == ")" else value <= hi
             if not (above and below and math.isfinite(value)):
-                bound = (
-                    f"{'>' if rule[0] == '(' else '>='} {lo:g}" if hi == math.inf else f"in {rule}"
-                )
+                op = ">" if rule[0] == "(" else ">="
+                bound = f"{op} {lo:g}" if hi == math.inf else f"in {rule}"
                 raise SystemExit(f"--{f.name}={value} must be {bound}")
         else:
             assert type(value) not in (int, float), f"{type(cfg).__name__}.{f.name} has no limits"
@@ -166,9 +163,8 @@ def mixed_precision(device, dtype="auto"):
         raise SystemExit(f"--dtype={dtype} is not one of auto, float32, bfloat16")
     device_type = str(device).split(":")[0]
     if device_type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = (
-            "tf32"  # the new API only: mixing it with allow_tf32 raises
-        )
+        # the new API only: mixing it with allow_tf32 raises
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
     if dtype == "float32" or (dtype == "auto" and device_type != "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=torch.bfloat16)
