@@ -3,22 +3,25 @@
     python invert.py                                    # the oracle teacher, all four worlds
     python invert.py --teacher=out/x/ckpt/sft_ei.pt     # a checkpoint of ours as the teacher
     python invert.py --input_jsonl=mine.jsonl           # a user's records -> out/user-mine/data
-    python invert.py --input_jsonl=mine.jsonl --teacher=http://127.0.0.1:8000/v1 --teacher_model=NAME
-                                                        # an LLM teacher writes what the records lack
+    python invert.py --input_jsonl=mine.jsonl \
+        --teacher=http://127.0.0.1:8000/v1 --teacher_model=NAME
+                                                        # an LLM teacher writes what records lack
 
-Problems (worlds.py) -> the teacher's rationale (a problem it gets wrong is dropped) -> the EI rules
--> the teacher answers each EI probe (a probe it gets wrong is dropped) -> consistency filter (Eq. 1:
-the teacher re-answers Q with the probe dialogue in front; the probe stays only if it still gets A)
--> out_dir/data/{split}.jsonl (every world in one file per split, in world order) and stats.json.
-The teacher filters shape the training data only: val, test_id and the OOD splits keep every problem
-with the exact rationale and exact EI probes, so every method is measured on the same yardstick.
+Problems (worlds.py) -> the teacher's rationale (a problem it gets wrong is dropped) -> the EI
+rules -> the teacher answers each EI probe (a probe it gets wrong is dropped) -> consistency filter
+(Eq. 1: the teacher re-answers Q with the probe dialogue in front; the probe stays only if it still
+gets A) -> out_dir/data/{split}.jsonl (every world in one file per split, in world order) and
+stats.json. The teacher filters shape the training data only: val, test_id and the OOD splits keep
+every problem with the exact rationale and exact EI probes, so every method is measured on the
+same yardstick.
 
-A user's records need only question and answer when the teacher is an LLM behind an OpenAI-compatible
-server (llm_teacher.py holds its prompts, client and cache): it writes the rationale of a training Q,
-tried up to teacher_tries times until it reaches A (else Q is dropped), writes one EI probe per rule
-as JSON (probe, rationale, answer), answers each probe alone (a probe it answers otherwise is dropped)
-and Eq. 1 follows, all through the same functions as the other teachers. The other splits are scored
-on A alone: a record there without a rationale gets "The answer is A.".
+A user's records need only question and answer when the teacher is an LLM behind an
+OpenAI-compatible server (llm_teacher.py holds its prompts, client and cache): it writes the
+rationale of a training Q, tried up to teacher_tries times until it reaches A (else Q is dropped),
+writes one EI probe per rule as JSON (probe, rationale, answer), answers each probe alone (a probe
+it answers otherwise is dropped) and Eq. 1 follows, all through the same functions as the other
+teachers. The other splits are scored on A alone: a record there without a rationale gets
+"The answer is A.".
 """
 
 import glob
@@ -42,8 +45,9 @@ from worlds import OOD_SPLITS, ORD, SPLITS, WORLDS, make_dataset
 
 @dataclass
 class Config:
-    out_dir: str = ""  # writes out_dir/data/{split}.jsonl and stats.json; default
-    # out/default, or out/user-<file stem> with input_jsonl
+    # writes out_dir/data/{split}.jsonl and stats.json; default out/default, or
+    # out/user-<file stem> with input_jsonl
+    out_dir: str = ""
     worlds: str = "arith,coin,date,swap"  # comma-separated worlds of worlds.py (light too)
     n_train: int = 2000  # problems per world in train
     n_val: int = 200  # ... in val and in each validation copy val_ood_*
@@ -55,28 +59,28 @@ class Config:
     long_max_events: int = 6  # (the tiny student reached 6 more often than 6-7: measured)
     min_facts: int = 1  # distractor facts per problem (the premise rule asks about one)
     max_facts: int = 8  # ... up to: long questions train the positions ood_long needs
-    facts_decay: float = 0.6  # each count of facts this times as likely as one fewer: most
-    # questions short (uniform counts cost coin 20+ points), a few long
+    # each count of facts this times as likely as one fewer: most questions short (uniform counts
+    # cost coin 20+ points), a few long
+    facts_decay: float = 0.6
     long_min_facts: int = 0  # ... per ood_long problem: fewer, to stay inside those lengths
     long_max_facts: int = 1
     reverse_share: float = 0.1  # train questions asked backwards (ood_reverse's rare skill)
-    rules: str = ",".join(
-        tasks.DEFAULT_RULES
-    )  # EI rules; adding 'inverse' gives the RevThink-style data
+    # EI rules; adding 'inverse' gives the RevThink-style data
+    rules: str = ",".join(tasks.DEFAULT_RULES)
     seed: int = 1337
-    teacher: str = "oracle"  # 'oracle' (the exact solver), a checkpoint answering greedily, or
-    # http://HOST:PORT/v1: an LLM on an OpenAI-compatible server
+    # 'oracle' (the exact solver), a checkpoint answering greedily, or http://HOST:PORT/v1: an LLM
+    # on an OpenAI-compatible server
+    teacher: str = "oracle"
     teacher_batch: int = 64  # prompts per generate call of a checkpoint teacher
     teacher_max_new_tokens: int = 128  # tokens per answer (an LLM teacher: per request, max_tokens)
     teacher_model: str = ""  # the model name the LLM teacher's server serves
-    teacher_tries: int = 4  # an LLM teacher's rationales of a Q until one reaches A (greedy,
-    # then sampled)
+    # an LLM teacher's rationales of a Q until one reaches A (greedy, then sampled)
+    teacher_tries: int = 4
     teacher_temperature: float = 0.7  # ... at this temperature, each try its own seed (seed + try)
     teacher_workers: int = 4  # an LLM teacher's requests in flight
     teacher_timeout: float = 120.0  # seconds a request may take before it is retried
-    teacher_retries: int = (
-        5  # retries of a request after a 429, a 5xx, a timeout or a lost connection
-    )
+    # retries of a request after a 429, a 5xx, a timeout or a lost connection
+    teacher_retries: int = 5
     teacher_backoff: float = 1.0  # seconds before the first retry, doubling after each
     device: str = "cpu"
     input_jsonl: str = ""  # a user's JSONL (question, answer, rationale, probes) instead
@@ -135,8 +139,9 @@ SAME_DATA_IGNORES = (
 
 
 class CheckpointTeacher:
-    """A GPT checkpoint of ours answering greedily through the student's prompt format. A prompt it cannot
-    read (a token outside its vocabulary, too long for its block) gets an empty response: a wrong one."""
+    """A GPT checkpoint of ours answering greedily through the student's prompt format. A prompt it
+    cannot read (a token outside its vocabulary, too long for its block) gets an empty response: a
+    wrong one."""
 
     def __init__(self, path, device="cpu", batch_size=64, max_new_tokens=128):
         self.model, self.tok, _ = load_model(path, device)
@@ -154,9 +159,8 @@ class CheckpointTeacher:
         """dialogues: [(turns [(question, response)], question)] -> [response text]."""
         prompts = [self.prompt(turns, q) for turns, q in dialogues]
         out = [""] * len(prompts)
-        todo = sorted(
-            (i for i, p in enumerate(prompts) if p is not None), key=lambda i: len(prompts[i])
-        )
+        readable = [i for i, p in enumerate(prompts) if p is not None]
+        todo = sorted(readable, key=lambda i: len(prompts[i]))  # by length: a batch pads less
         for b in tqdm(range(0, len(todo), self.batch_size), desc="teacher", leave=False):
             rows = todo[b : b + self.batch_size]
             tokens, mask = self.model.generate(
@@ -168,9 +172,9 @@ class CheckpointTeacher:
 
 
 def teacher_rationales(teacher, records, tries=1):
-    """The teacher's rationale for each Q, None where it never reaches A. The first try is greedy; an
-    LLM teacher answers the Qs still wrong again, sampled, up to tries in all (the other teachers are
-    greedy: one try). Returns (rationales, {tries it took: questions})."""
+    """The teacher's rationale for each Q, None where it never reaches A. The first try is greedy;
+    an LLM teacher answers the Qs still wrong again, sampled, up to tries in all (the other teachers
+    are greedy: one try). Returns (rationales, {tries it took: questions})."""
     said, took, todo = [None] * len(records), Counter(), list(range(len(records)))
     for attempt in range(tries):
         dialogues = [([], records[i]["question"]) for i in todo]
@@ -220,8 +224,8 @@ def teacher_probe_answers(teacher, records):
 
 
 def teacher_answers(teacher, records, tries=1):
-    """The teacher's rationale for each Q (Q dropped when it is wrong) and for each EI probe (the probe
-    dropped when it is wrong). Returns (records, counts)."""
+    """The teacher's rationale for each Q (Q dropped when it is wrong) and for each EI probe (the
+    probe dropped when it is wrong). Returns (records, counts)."""
     said, _ = teacher_rationales(teacher, records, tries)
     kept = [{**r, "rationale": t} for r, t in zip(records, said) if t is not None]
     kept, wrong = teacher_probe_answers(teacher, kept)
@@ -229,8 +233,8 @@ def teacher_answers(teacher, records, tries=1):
 
 
 def consistency_filter(teacher, records):
-    """Eq. 1: keep probe k of Q only if the teacher, shown [probe_k, its rationale and answer, Q], still
-    answers Q with A. Returns (records, removed probes per rule)."""
+    """Eq. 1: keep probe k of Q only if the teacher, shown [probe_k, its rationale and answer, Q],
+    still answers Q with A. Returns (records, removed probes per rule)."""
     flat = [(i, pr) for i, r in enumerate(records) for pr in r["probes"]]
     said = teacher.respond(
         [([(pr["question"], pr["rationale"])], records[i]["question"]) for i, pr in flat]
@@ -246,15 +250,13 @@ def consistency_filter(teacher, records):
 
 
 def write_jsonl(path, records):
-    """Atomically (a temp file in the same folder, then a rename), keys sorted: byte-identical reruns.
-    A file that already holds these bytes is left alone, so its modification time, by which
-    evaluate.py --reuse trusts earlier scores, survives a rerun (run.sh --resume reruns this stage)."""
+    """Atomically (a temp file in the same folder, then a rename), keys sorted: byte-identical
+    reruns. A file that already holds these bytes is left alone, so its modification time, by which
+    evaluate.py --reuse trusts earlier scores, survives a rerun (run.sh --resume reruns this
+    stage)."""
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
-    if not (
-        os.path.isfile(path)
-        and os.path.getsize(path) == len(text)
-        and open(path, "rb").read() == text
-    ):
+    same_size = os.path.isfile(path) and os.path.getsize(path) == len(text)
+    if not (same_size and open(path, "rb").read() == text):
         atomic_write(path, text)
 
 
@@ -293,7 +295,8 @@ def token_lengths(records, ks=(3, 5)):
 
 
 def curate(teacher, records, rules, tries=1):
-    """D_EI from one world's training problems: the teacher's answers, then Eq. 1. Returns (records, stats)."""
+    """D_EI from one world's training problems: the teacher's answers, then Eq. 1.
+    Returns (records, stats)."""
     made, n = Counter(pr["rule"] for r in records for pr in r["probes"]), len(records)
     kept, stats = teacher_answers(teacher, records, tries)
     kept, stats["removed_inconsistent"] = consistency_filter(teacher, kept)
@@ -307,7 +310,8 @@ def curate(teacher, records, rules, tries=1):
 
 
 def synthetic(cfg, worlds, rules):
-    """{split: records} from worlds.py's worlds, the training split through the teacher, and stats."""
+    """{split: records} from worlds.py's worlds, the training split through the teacher, and
+    stats."""
     sizes = {
         "train": cfg.n_train,
         "val": cfg.n_val,
@@ -345,10 +349,10 @@ def synthetic(cfg, worlds, rules):
 
 
 def invert_with_llm(teacher, records, rules, tries):
-    """Stage 1 on a user's training records with an LLM teacher: its rationale where a record has none
-    (a Q it never answers with A is dropped), its EI probes where a record has none (one request per
-    rule, each probe then answered by the teacher alone), then Eq. 1 over every probe. What the user
-    wrote is kept as written. Returns (records, stats)."""
+    """Stage 1 on a user's training records with an LLM teacher: its rationale where a record has
+    none (a Q it never answers with A is dropped), its EI probes where a record has none (one
+    request per rule, each probe then answered by the teacher alone), then Eq. 1 over every probe.
+    What the user wrote is kept as written. Returns (records, stats)."""
     todo = [i for i, r in enumerate(records) if r["rationale"] is None]
     said, took = teacher_rationales(teacher, [records[i] for i in todo], tries)
     rationale = [r["rationale"] for r in records]
@@ -357,9 +361,8 @@ def invert_with_llm(teacher, records, rules, tries):
     kept = [{**r, "rationale": t} for r, t in zip(records, rationale) if t is not None]
     bare = [k for k, r in enumerate(kept) if not r["probes"]]
     written, unusable = teacher.write_probes([kept[k] for k in bare], rules)
-    answered, wrong = teacher_probe_answers(
-        teacher, [{**kept[k], "probes": p} for k, p in zip(bare, written)]
-    )
+    asked = [{**kept[k], "probes": p} for k, p in zip(bare, written)]
+    answered, wrong = teacher_probe_answers(teacher, asked)
     for k, r in zip(bare, answered):
         kept[k] = r
     kept, inconsistent = consistency_filter(teacher, kept)
@@ -373,17 +376,19 @@ def invert_with_llm(teacher, records, rules, tries):
         "removed_probe_wrong": wrong,
         "removed_inconsistent": inconsistent,
         "probes_kept": dict(Counter(pr["rule"] for r in kept for pr in r["probes"])),
-        "answer_check": 'the last "The answer is X." against the answer, normalised; a probe answer of '
-        "more than three words (not a number) that differs is judged by the teacher itself",
+        "answer_check": (
+            'the last "The answer is X." against the answer, normalised; a probe answer of '
+            "more than three words (not a number) that differs is judged by the teacher itself"
+        ),
         "judged": {"asked": teacher.judged["asked"], "same": teacher.judged["same"]},
     }
 
 
 def user_data(cfg, rules):
-    """The user's records, each in its split (train unless it says otherwise: test_id records are what
-    evaluate.py scores); with a checkpoint teacher, train through the consistency filter (the oracle only
-    knows the generated questions, so with it the user's probes are kept as they are); with an LLM
-    teacher, train through invert_with_llm."""
+    """The user's records, each in its split (train unless it says otherwise: test_id records are
+    what evaluate.py scores); with a checkpoint teacher, train through the consistency filter (the
+    oracle only knows the generated questions, so with it the user's probes are kept as they are);
+    with an LLM teacher, train through invert_with_llm."""
     data, llm = {}, is_server(cfg.teacher)
     for r in load_records(cfg.input_jsonl, rationale=not llm):
         if r["split"] not in SPLITS:
@@ -394,14 +399,14 @@ def user_data(cfg, rules):
         data.setdefault(r["split"], []).append(r)
     if not data.get("train"):
         raise SystemExit(
-            f"{cfg.input_jsonl} has no training records (those without a split, or with split train)"
+            f"{cfg.input_jsonl} has no training records "
+            "(those without a split, or with split train)"
         )
     data = {s: data[s] for s in SPLITS if s in data}
     teacher = make_teacher(cfg)
     if teacher is None:
-        return data, {
-            "consistency_filter": "skipped: the oracle only knows the generated questions"
-        }
+        skipped = "skipped: the oracle only knows the generated questions"
+        return data, {"consistency_filter": skipped}
     if not llm:
         data["train"], removed = consistency_filter(teacher, data["train"])
         return data, {"train_filters": {"removed_inconsistent": removed}}
@@ -413,8 +418,9 @@ def user_data(cfg, rules):
     data["train"], filters = invert_with_llm(teacher, data["train"], rules, cfg.teacher_tries)
     c = teacher.client.stats
     print(
-        f"teacher {cfg.teacher_model} at {cfg.teacher}: {c['sent']} requests sent, {c['cached']} answered from the "
-        f"cache {teacher.client.cache_dir}, {c['retried']} retried, {c['refused']} refused (HTTP 400), "
+        f"teacher {cfg.teacher_model} at {cfg.teacher}: {c['sent']} requests sent, "
+        f"{c['cached']} answered from the cache {teacher.client.cache_dir}, "
+        f"{c['retried']} retried, {c['refused']} refused (HTTP 400), "
         f"{c['truncated']} cut at --teacher_max_new_tokens"
     )
     if not data["train"]:
@@ -441,8 +447,8 @@ def make_teacher(cfg):
         )
     if not cfg.teacher_model:
         raise SystemExit(
-            f"--teacher={cfg.teacher} is a server: name the model it serves with --teacher_model=NAME "
-            f"(GET {cfg.teacher.rstrip('/')}/models lists them)"
+            f"--teacher={cfg.teacher} is a server: name the model it serves with "
+            f"--teacher_model=NAME (GET {cfg.teacher.rstrip('/')}/models lists them)"
         )
     client = ChatClient(
         cfg.teacher,
@@ -457,8 +463,8 @@ def make_teacher(cfg):
 
 
 def check_data_folder(cfg, folder):
-    """Stop before replacing a data/ folder made with other settings (another run's data, or a user's),
-    unless --overwrite=True: the checkpoints beside it were trained on that data."""
+    """Stop before replacing a data/ folder made with other settings (another run's data, or a
+    user's), unless --overwrite=True: the checkpoints beside it were trained on that data."""
     if cfg.overwrite or not glob.glob(os.path.join(folder, "*.jsonl")):
         return
     path, ours = os.path.join(folder, "stats.json"), asdict(cfg)
@@ -488,14 +494,9 @@ def build(cfg):
             raise SystemExit(
                 f"unknown {what} {sorted(set(names) - set(known))}; choose from {','.join(known)}"
             )
-    if (
-        not 1
-        <= cfg.min_events
-        <= cfg.max_events
-        < cfg.long_min_events
-        <= cfg.long_max_events
-        <= len(ORD)
-    ):
+    lo, hi = cfg.min_events, cfg.max_events
+    long_lo, long_hi = cfg.long_min_events, cfg.long_max_events
+    if not 1 <= lo <= hi < long_lo <= long_hi <= len(ORD):
         raise SystemExit(
             "need 1 <= min_events <= max_events < long_min_events <= long_max_events <= 10 "
             "(ood_long must be longer than every training problem)"
@@ -506,9 +507,8 @@ def build(cfg):
     check_data_folder(cfg, folder)
     data, stats = user_data(cfg, rules) if cfg.input_jsonl else synthetic(cfg, worlds, rules)
     os.makedirs(folder, exist_ok=True)
-    for (
-        split
-    ) in SPLITS:  # with --overwrite, a split of the old data that the new one lacks goes too
+    # with --overwrite, a split of the old data that the new one lacks goes too
+    for split in SPLITS:
         path = os.path.join(folder, f"{split}.jsonl")
         if split in data:
             write_jsonl(path, data[split])
@@ -529,9 +529,8 @@ def build(cfg):
         **stats,
         "token_lengths_gpt2_train": token_lengths(data["train"]),
     }
-    atomic_write(
-        os.path.join(folder, "stats.json"), json.dumps(stats, indent=1, sort_keys=True) + "\n"
-    )
+    text = json.dumps(stats, indent=1, sort_keys=True) + "\n"
+    atomic_write(os.path.join(folder, "stats.json"), text)
     return data, stats
 
 
@@ -544,19 +543,13 @@ def report(data, stats, cfg):
             print(f"[{r['id']}] Q: {r['question']}\n  A: {r['rationale']}")
             story = r["question"][: r["latent"]["query_start"]] if r["latent"] else r["question"]
             for pr in r["probes"][:3]:
-                q = (
-                    "... " + pr["question"][len(story) :]
-                    if pr["question"].startswith(story)
-                    else pr["question"]
-                )
+                q = pr["question"]
+                if q.startswith(story):
+                    q = "... " + q[len(story) :]  # the story is printed above
                 print(f"  {pr['rule']}: {q}\n    -> {pr['rationale']}")
     for split, by_world in stats["splits"].items():
-        print(
-            f"{split:12s}"
-            + "  ".join(
-                f"{w} {c['problems']} problems {c['probes']} probes" for w, c in by_world.items()
-            )
-        )
+        counts = [f"{w} {c['problems']} problems {c['probes']} probes" for w, c in by_world.items()]
+        print(f"{split:12s}" + "  ".join(counts))
     for world, f in stats.get("train_filters", {}).items():
         shown = {k: v for k, v in f.items() if k != "probes_made"}
         print(f"train filters {world}: {json.dumps(shown, sort_keys=True)}")
