@@ -5,22 +5,18 @@
 out_dir = "out/default"
 device = "cpu"
 threads = 1  # run.sh runs two or three trainings at once, one core each
-worlds = "coin"  # the one world a tiny student learns at this budget (measured: arith, date,
-# light and swap stay at chance after as many steps)
+# the one world a tiny student learns at this budget (measured: arith, date, light and swap stay at
+# chance after as many steps)
+worlds = "coin"
 init = "scratch"
-n_layer, n_head, n_embd, block_size = (
-    4,
-    4,
-    128,
-    768,
-)  # coin EI dialogues of k=2 probes reach ~430 tokens
+# coin EI dialogues of k=2 probes reach ~430 tokens
+n_layer, n_head, n_embd, block_size = 4, 4, 128, 768
 # SFT
 batch_size = 16
 grad_accum = 2  # sorted by length: questions and long EI dialogues pad apart
 lr = 3e-3
-max_iters = (
-    1000  # coin is learned in a jump near step 600 (measured); 1000 makes it robust across seeds
-)
+# coin is learned in a jump near step 600 (measured); 1000 makes it robust across seeds
+max_iters = 1000
 warmup_iters = 50
 eval_interval = 200
 eval_problems = 100
@@ -32,6 +28,5 @@ rl_steps = 30
 rl_lr = 2e-5
 rl_warmup = 5
 rl_candidates = 256
-max_new_tokens = (
-    72  # the longest rationale (coin asked backwards, 5 events) is 56 tokens, an EI probe's 58
-)
+# the longest rationale (coin asked backwards, 5 events) is 56 tokens, an EI probe's 58
+max_new_tokens = 72
