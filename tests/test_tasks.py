@@ -1,5 +1,6 @@
-"""worlds.py and tasks.py checked against an independent reading of the rendered text: every question is parsed back
-with regexes, its events simulated here (datetime for dates), and every answer re-derived."""
+"""worlds.py and tasks.py checked against an independent reading of the rendered text: every
+question is parsed back with regexes, its events simulated here (datetime for dates), and every
+answer re-derived."""
 
 import collections
 import dataclasses
@@ -28,18 +29,7 @@ SIZES = {
     "val_ood_reverse": 10,
     "val_ood_names": 10,
 }
-ORD = [
-    "first",
-    "second",
-    "third",
-    "fourth",
-    "fifth",
-    "sixth",
-    "seventh",
-    "eighth",
-    "ninth",
-    "tenth",
-]
+ORD = "first second third fourth fifth sixth seventh eighth ninth tenth".split()
 FACT = [
     (r"(\w+) is (\d+) years old\.", lambda m: ("fact", (m[1], int(m[2]), None))),
     (r"(\w+) wants a (\w+)\.", lambda m: ("fact", (m[1], None, m[2]))),
@@ -142,10 +132,9 @@ def patterns(world, ctx):
         ]
     if world == "date":
         T, unit = ctx["thing"], r"(\d+) (day|week|month)(s?)"
-        day = lambda m, i: datetime.date(
-            2023, datetime.datetime.strptime(m[i], "%B").month, int(m[i + 1])
-        )  # noqa
-        ev = lambda n, u, s, sign: ("event", (u, sign * int(n)), s == ("" if n == "1" else "s"))  # noqa
+        month = lambda name: datetime.datetime.strptime(name, "%B").month
+        day = lambda m, i: datetime.date(2023, month(m[i]), int(m[i + 1]))
+        ev = lambda n, u, s, sign: ("event", (u, sign * int(n)), s == ("" if n == "1" else "s"))
         return FACT + [
             (rf"\w+'s {T} is on (\w+) (\d+)\.", lambda m: ("init", day(m, 1))),
             (rf"\w+ plans a {T} for (\w+) (\d+)\.", lambda m: ("init", day(m, 1))),
@@ -155,7 +144,8 @@ def patterns(world, ctx):
             (rf"The {T} (?:moves|is moved) {unit} earlier\.", lambda m: ev(m[1], m[2], m[3], -1)),
             (r"(\w+) has (\d+) (\w+)\.", lambda m: ("fact", (m[1], int(m[2]), m[3]))),
         ]
-    held = r"(\w+) (?:has|holds) a (\w+), (\w+) (?:has|holds) a (\w+), and (\w+) (?:has|holds) a (\w+)\."
+    one = r"(\w+) (?:has|holds) a (\w+)"
+    held = rf"{one}, {one}, and {one}\."
     return FACT + [
         (r"Now " + held, lambda m: ("now", dict(zip(m.groups()[::2], m.groups()[1::2])))),
         (held, lambda m: ("init", dict(zip(m.groups()[::2], m.groups()[1::2])))),
@@ -171,9 +161,8 @@ def read_sentence(world, ctx, s):
         if m:
             got = meaning(m)
             if world == "arith" and got[0] != "fact":
-                assert got[2] == (ctx["item"][:-1] if got[3] == 1 else ctx["item"]), (
-                    f"singular/plural: {s}"
-                )
+                noun = ctx["item"][:-1] if got[3] == 1 else ctx["item"]
+                assert got[2] == noun, f"singular/plural: {s}"
                 got = got[:2]
             if world == "date" and got[0] == "event":
                 assert got[2], f"singular/plural: {s}"
@@ -298,9 +287,9 @@ def solve(world, prob):
 
 @pytest.fixture(scope="module", params=WORLDS)
 def data(request):
-    """(world, {split: records with every rule's probes}) at invert.py's default design; a record asked
-    backwards (ood_reverse, and the train share) also carries its problem asked forward ('forward'), whose
-    story its probes restate."""
+    """(world, {split: records with every rule's probes}) at invert.py's default design; a record
+    asked backwards (ood_reverse, and the train share) also carries its problem asked forward
+    ('forward'), whose story its probes restate."""
     world, out = request.param, {}
     for split, ps in worlds.make_dataset(world, SIZES, seed=7, **design()).items():
         out[split] = [tasks.to_record(p, tasks.ei_probes(p, tasks.EI_RULES, seed=7)) for p in ps]
@@ -334,8 +323,8 @@ def words(text):
 
 
 def roles(world, question):
-    """(entities in the asked roles, entities in distractor facts) of a question: the entities of its
-    state, event and query sentences, and those of its fact sentences."""
+    """(entities in the asked roles, entities in distractor facts) of a question: the entities of
+    its state, event and query sentences, and those of its fact sentences."""
     prob, every = read(world, question), ENTITIES["train"] | ENTITIES["ood"]
     facts = " ".join(prob["fact_sents"])
     rest = " ".join(s for s in sentences(question) if s not in prob["fact_sents"])
@@ -355,14 +344,12 @@ def test_solver_agrees_with_independent_simulation(data):
             assert r["rationale"].endswith(f"The answer is {r['answer']}.")
             assert tasks.extract_answer(r["rationale"]) == r["answer"]
             lat = r["latent"]
-            assert (
-                len(prob["events"]) == len(lat["event_ends"]) == len(lat["states"]) - 1
-            )  # every event is said
+            # every event is said
+            assert len(prob["events"]) == len(lat["event_ends"]) == len(lat["states"]) - 1
             for end, sent in zip(lat["event_ends"], prob["event_sents"]):
                 assert r["question"][:end].endswith(sent)
-            assert r["question"][lat["query_start"] :].startswith(
-                ("How", "Is", "Was", "On", "Who", "What")
-            )
+            query = r["question"][lat["query_start"] :]
+            assert query.startswith(("How", "Is", "Was", "On", "Who", "What"))
             init = prob["init"] if not prob["reverse"] else None
             if init is not None:
                 labels = {
@@ -388,15 +375,14 @@ def test_solver_on_many_seeds(world):
 
 
 def test_ood_splits_are_out_of_distribution(data):
-    """Each OOD split and its validation copy: longer chains, backward questions, or entities in asked
-    roles that training never gives them (but does show, in distractor facts)."""
+    """Each OOD split and its validation copy: longer chains, backward questions, or entities in
+    asked roles that training never gives them (but does show, in distractor facts)."""
     world, splits = data
     read_all = {s: [read(world, r["question"]) for r in recs] for s, recs in splits.items()}
     in_dist = read_all["train"] + read_all["val"] + read_all["test_id"]
+    longest_in_dist = max(len(p["events"]) for p in in_dist)
     for long in ("ood_long", "val_ood_long"):
-        assert max(len(p["events"]) for p in in_dist) < min(
-            len(p["events"]) for p in read_all[long]
-        )
+        assert longest_in_dist < min(len(p["events"]) for p in read_all[long])
     for rev in ("ood_reverse", "val_ood_reverse"):
         assert all(
             p["reverse"] and p["final"] is not None and p["init"] is None for p in read_all[rev]
@@ -412,18 +398,14 @@ def test_ood_splits_are_out_of_distribution(data):
         new = set().union(*(roles(world, r["question"])[0] for r in splits[names]))
         assert new and new <= ENTITIES["ood"] and not new & asked
         assert new <= in_facts  # every one of them is in training text, as a distractor
-        assert not new & set().union(
-            *(
-                roles(world, r["question"])[0]
-                for s in ("val", "test_id", "ood_long")
-                for r in splits[s]
-            )
-        )
+        others = [r["question"] for s in ("val", "test_id", "ood_long") for r in splits[s]]
+        assert not new & set().union(*(roles(world, q)[0] for q in others))
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_reverse_share_of_train(world):
-    """The rare-skill regime: a few training questions, the same for every method, are asked backwards."""
+    """The rare-skill regime: a few training questions, the same for every method, are asked
+    backwards."""
     share = design()["reverse_share"]
     train = worlds.make_dataset(world, {"train": 2000}, seed=3, **design())["train"]
     got = sum(p.reverse for p in train) / len(train)
@@ -432,8 +414,8 @@ def test_reverse_share_of_train(world):
 
 
 def test_distractor_counts_are_skewed_short():
-    """Most questions carry one or two distractor facts (cheap to train on), a few every count up to the
-    maximum (they train the late positions)."""
+    """Most questions carry one or two distractor facts (cheap to train on), a few every count up to
+    the maximum (they train the late positions)."""
     c = invert.Config()
     train = worlds.make_dataset("coin", {"train": 2000}, seed=3, **design())["train"]
     counts = collections.Counter(len(p.facts) for p in train)
@@ -443,8 +425,9 @@ def test_distractor_counts_are_skewed_short():
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_ood_long_fits_the_trained_lengths(world):
-    """Learned positions are trained by every sequence that reaches them: training questions (padded by
-    distractor facts) must reach the longest ood_long question plus rationale, and not just once."""
+    """Learned positions are trained by every sequence that reaches them: training questions (padded
+    by distractor facts) must reach the longest ood_long question plus rationale, and not just
+    once."""
     tok = model.get_tokenizer()
     data = worlds.make_dataset(world, {"train": 2000, "ood_long": 300}, seed=5, **design())
     lengths = {
@@ -455,14 +438,14 @@ def test_ood_long_fits_the_trained_lengths(world):
         ]
         for s, ps in data.items()
     }
-    assert sum(n >= max(lengths["ood_long"]) for n in lengths["train"]) >= 0.01 * len(
-        lengths["train"]
-    )
+    longest_ood = max(lengths["ood_long"])
+    reaching = sum(n >= longest_ood for n in lengths["train"])
+    assert reaching >= 0.01 * len(lengths["train"])
 
 
 def test_validation_copies_are_their_own_problems():
-    """val_<split> comes from its own seed, shares no question with any test split, and adding it leaves
-    the test splits as they were."""
+    """val_<split> comes from its own seed, shares no question with any test split, and adding it
+    leaves the test splits as they were."""
     tests = {s: 20 for s in ("test_id",) + worlds.OOD_SPLITS}
     for world in WORLDS:
         alone = worlds.make_dataset(world, tests, seed=2, **design())
@@ -520,7 +503,8 @@ def claim_value(world, ctx, claim):
 
 
 def expected(world, rule, prob, tail, r):
-    """The answer of an EI probe, derived here from the problem read back and the probe's own words."""
+    """The answer of an EI probe, derived here from the problem read back and the probe's own
+    words."""
     ctx, init, events = prob["ctx"], prob["init"], prob["events"]
     states = simulate(world, init, events)
     vals = [value(world, ctx, s) for s in states]
@@ -533,11 +517,8 @@ def expected(world, rule, prob, tail, r):
             return answer(world, ctx, simulate(world, what, events)[-1])
         changed = [i for i, e in enumerate(events) if e[1] == what[1]]  # coin: one event per person
         assert kind == "event" and len(changed) == 1 and events[changed[0]] != what
-        return answer(
-            world,
-            ctx,
-            simulate(world, init, events[: changed[0]] + [what] + events[changed[0] + 1 :])[-1],
-        )
+        changed_events = events[: changed[0]] + [what] + events[changed[0] + 1 :]
+        return answer(world, ctx, simulate(world, init, changed_events)[-1])
     if rule == "step_challenge":
         m = re.fullmatch(r"Consider the event: (.+?\.) (.+)", tail)
         assert m[1] in prob["event_sents"]
@@ -555,10 +536,8 @@ def expected(world, rule, prob, tail, r):
         assert 1 <= i < len(events)
         return answer(world, ctx, states[i])
     if rule == "verify":
-        m = re.fullmatch(
-            r"Is it true that (.+) (after the first (\d+) events|after the first event|at the end)\?",
-            tail,
-        )
+        when = r"(after the first (\d+) events|after the first event|at the end)"
+        m = re.fullmatch(rf"Is it true that (.+) {when}\?", tail)
         i = len(events) if m[2] == "at the end" else int(m[3] or 1)
         return "yes" if claim_value(world, ctx, m[1]) == vals[i] else "no"
     if rule == "cause":
@@ -573,10 +552,8 @@ def expected(world, rule, prob, tail, r):
             return ORD[[abs(d) for d in deltas].index(top)]
         if world in ("coin", "light"):
             return [e[1] for e in events if e[0] in ("flip", "press")][-1]
-        moves = [
-            i for i in range(len(events)) if vals[i] != vals[i + 1]
-        ]  # the giver of the last move
-        return vals[moves[-1]]
+        moves = [i for i in range(len(events)) if vals[i] != vals[i + 1]]
+        return vals[moves[-1]]  # the giver of the last move
     if rule == "compare":
         a, b = states[0], states[-1]
         if world == "arith":
@@ -595,12 +572,8 @@ def expected(world, rule, prob, tail, r):
         m = re.fullmatch(r"Skip the (\w+) event\. Is it still true that (.+) at the end\?", tail)
         i = ORD.index(m[1])
         assert claim_value(world, ctx, m[2]) == vals[-1]
-        return (
-            "yes"
-            if value(world, ctx, simulate(world, init, events[:i] + events[i + 1 :])[-1])
-            == vals[-1]
-            else "no"
-        )
+        without = simulate(world, init, events[:i] + events[i + 1 :])[-1]
+        return "yes" if value(world, ctx, without) == vals[-1] else "no"
     if rule == "process":
         assert re.fullmatch(r"List .+ after each event\.", tail)
         return ", ".join(vals[1:])
@@ -646,10 +619,8 @@ def test_every_probe_answer_rederived(data):
                 else:
                     assert pr["question"].startswith(story + " ")
                     tail = pr["question"][len(story) + 1 :]
-                assert expected(world, pr["rule"], prob, tail, r) == pr["answer"], (
-                    pr,
-                    r["question"],
-                )
+                got = expected(world, pr["rule"], prob, tail, r)
+                assert got == pr["answer"], (pr, r["question"])
     assert seen == set(tasks.EI_RULES) - ({"step_challenge"} if world == "swap" else set())
 
 
@@ -658,9 +629,8 @@ def test_default_probes_stay_in_training_format():
     makes a longer chain, or puts an OOD entity anywhere but in a distractor fact."""
     rule_worlds = {}
     for world in WORLDS:
-        train = worlds.make_dataset(
-            world, {"train": 150}, seed=11, **{**design(), "reverse_share": 0.3}
-        )["train"]
+        more_reversed = {**design(), "reverse_share": 0.3}
+        train = worlds.make_dataset(world, {"train": 150}, seed=11, **more_reversed)["train"]
         assert any(p.reverse for p in train)
         for p in train:
             fwd = dataclasses.replace(p, reverse=False)
@@ -669,21 +639,15 @@ def test_default_probes_stay_in_training_format():
                 rule_worlds.setdefault(pr.rule, set()).add(world)
                 q = pr.question
                 assert "at first" not in q and not re.search(r"(^|\. )Now ", q)
-                facts = read(world, q if pr.rule == "analogy" else worlds.question(fwd))[
-                    "fact_sents"
-                ]
+                text = q if pr.rule == "analogy" else worlds.question(fwd)
+                facts = read(world, text)["fact_sents"]
                 assert words(q) & ENTITIES["ood"] <= words(" ".join(facts))
                 if pr.rule == "analogy":
                     assert len(read(world, q)["events"]) == len(p.events)
                 else:  # the problem's own story, then at most one restated event
                     assert q.startswith(worlds.story(fwd) + " ")
-                    assert (
-                        sum(
-                            is_event(world, ctx, s)
-                            for s in sentences(q[len(worlds.story(fwd)) + 1 :])
-                        )
-                        <= 1
-                    )
+                    restated = sentences(q[len(worlds.story(fwd)) + 1 :])
+                    assert sum(is_event(world, ctx, s) for s in restated) <= 1
     assert set(rule_worlds) == set(tasks.DEFAULT_RULES)
     assert all(len(ws) >= 2 for ws in rule_worlds.values())
 
