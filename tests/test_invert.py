@@ -1,5 +1,6 @@
-"""invert.py: the teacher filters (Eq. 1 with a teacher that errs on purpose), the difficulty filter
-(Eq. 2), the JSONL reader's messages, the checkpoint teacher, and byte-identical reruns."""
+"""invert.py: the teacher filters (Eq. 1 with a teacher that errs on purpose), the JSONL reader's
+messages, the checkpoint teacher, and byte-identical reruns. (The difficulty filter, Eq. 2, is
+distill_rl.py's: tests/test_distill_rl.py.)"""
 
 import json
 import os
@@ -29,8 +30,8 @@ def records():
 
 
 class ErringTeacher(tasks.OracleTeacher):
-    """The oracle, except that it answers Q wrong when one of the chosen probes is in front of it, and
-    answers the chosen questions themselves wrong."""
+    """The oracle, except that it answers Q wrong when one of the chosen probes is in front of it,
+    and answers the chosen questions themselves wrong."""
 
     def __init__(self, records, distracting=(), wrong=()):
         super().__init__(records)
@@ -51,30 +52,26 @@ def test_consistency_filter_removes_exactly_the_distracting_probes(records):
         r["probes"][i]["question"] for r in records for i in (1, 4) if len(r["probes"]) > 4
     ]
     kept, removed = invert.consistency_filter(ErringTeacher(records, distracting), records)
-    questions = lambda recs: {pr["question"] for r in recs for pr in r["probes"]}  # noqa: E731
+    questions = lambda recs: {pr["question"] for r in recs for pr in r["probes"]}
     assert questions(records) - questions(kept) == set(distracting)
     assert sum(removed.values()) == len(distracting) > 0
     assert removed == dict(
         Counter(pr["rule"] for r in records for pr in r["probes"] if pr["question"] in distracting)
     )
-    assert [r["id"] for r in kept] == [
-        r["id"] for r in records
-    ]  # Eq. 1 removes probes, never questions
+    # Eq. 1 removes probes, never questions
+    assert [r["id"] for r in kept] == [r["id"] for r in records]
     same, none = invert.consistency_filter(tasks.OracleTeacher(records), records)
     assert same == records and none == {}
 
 
 def test_teacher_answers_drop_what_the_teacher_gets_wrong(records):
     bad_q, bad_probe = records[2]["question"], records[0]["probes"][3]
-    kept, counts = invert.teacher_answers(
-        ErringTeacher(records, wrong=[bad_q, bad_probe["question"]]), records
-    )
+    erring = ErringTeacher(records, wrong=[bad_q, bad_probe["question"]])
+    kept, counts = invert.teacher_answers(erring, records)
     assert [r["id"] for r in kept] == [r["id"] for r in records if r["question"] != bad_q]
     assert counts == {"removed_teacher_wrong": 1, "removed_probe_wrong": {bad_probe["rule"]: 1}}
-    assert (
-        bad_probe not in kept[0]["probes"]
-        and len(kept[0]["probes"]) == len(records[0]["probes"]) - 1
-    )
+    assert bad_probe not in kept[0]["probes"]
+    assert len(kept[0]["probes"]) == len(records[0]["probes"]) - 1
 
 
 GOOD = {"question": "What is 2 + 2?", "answer": "4", "rationale": "2 + 2 = 4. The answer is 4."}
@@ -153,9 +150,8 @@ def test_user_jsonl_becomes_train_split(tmp_path):
     cfg = invert.Config(out_dir=str(tmp_path / "run"), input_jsonl=str(path))
     data, stats = invert.build(cfg)
     got = tasks.load_records(str(tmp_path / "run" / "data" / "train.jsonl"))
-    assert [r["id"] for r in got] == [f"{path}:1", "b"] and got[1]["probes"] == [
-        {**probe, "rule": "user"}
-    ]
+    assert [r["id"] for r in got] == [f"{path}:1", "b"]
+    assert got[1]["probes"] == [{**probe, "rule": "user"}]
     assert all(r["world"] == "user" and r["split"] == "train" and r["latent"] is None for r in got)
     assert sorted(os.listdir(tmp_path / "run" / "data")) == ["stats.json", "train.jsonl"]
 
@@ -176,16 +172,14 @@ def test_rerun_is_byte_identical_and_atomic(tmp_path):
     invert.build(cfg)
     folder = tmp_path / "data"
     first = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
-    assert sorted(first) == sorted(
-        [f"{s}.jsonl" for s in worlds.SPLITS] + ["stats.json"]
-    )  # no temp files left
+    # no temp files left
+    assert sorted(first) == sorted([f"{s}.jsonl" for s in worlds.SPLITS] + ["stats.json"])
     stamps = {f: os.path.getmtime(folder / f) for f in first if f.endswith(".jsonl")}
     os.utime(folder / "train.jsonl", (1, 1))  # an old stamp, to tell "left alone" from "rewritten"
     invert.build(cfg)
     assert first == {f: (folder / f).read_bytes() for f in os.listdir(folder)}
-    assert (
-        os.path.getmtime(folder / "train.jsonl") == 1
-    )  # same bytes: the split is left alone (evaluate --reuse)
+    # same bytes: the split is left alone (evaluate --reuse)
+    assert os.path.getmtime(folder / "train.jsonl") == 1
     assert all(os.path.getmtime(folder / f) == t for f, t in stamps.items() if f != "train.jsonl")
     stats = json.loads(first["stats.json"])
     assert stats["splits"]["train"] == {
@@ -217,28 +211,21 @@ def test_checkpoint_teacher_answers_through_the_prompt_format(tmp_path, records)
     teacher = invert.CheckpointTeacher(str(tmp_path / "t.pt"), batch_size=3, max_new_tokens=8)
     too_long = [(records[0]["question"], records[0]["rationale"])] * 6
     assert len(tasks.dialogue_ids(tok, too_long, records[1]["question"])) + 8 > 256
-    dialogues = [([], r["question"]) for r in records[:4]] + [
-        ([], "Zebra quagga?"),
-        (too_long, records[1]["question"]),
-    ]
+    unreadable = [([], "Zebra quagga?"), (too_long, records[1]["question"])]
+    dialogues = [([], r["question"]) for r in records[:4]] + unreadable
     said = teacher.respond(dialogues)
     assert len(said) == 6 and all(isinstance(s, str) for s in said)
-    assert (
-        said[4] == "" and said[5] == ""
-    )  # unreadable: tokens outside the vocabulary / longer than the block
+    # unreadable: tokens outside the vocabulary / longer than the block
+    assert said[4] == "" and said[5] == ""
     expect = []
     for _, q in dialogues[:4]:  # greedy, one prompt at a time, decoded the same way
         out, mask = model.generate([tasks.prompt_ids(tok, q)], 8, temperature=0, eot=tok.eot)
-        expect.append(
-            tok.decode(
-                [t for t, m in zip(out[0].tolist(), mask[0].tolist()) if m and t != tok.eot]
-            ).strip()
-        )
+        generated = [t for t, m in zip(out[0].tolist(), mask[0].tolist()) if m and t != tok.eot]
+        expect.append(tok.decode(generated).strip())
     assert said[:4] == expect
     kept, removed = invert.consistency_filter(teacher, records[:2])
-    assert sum(len(r["probes"]) for r in kept) + sum(removed.values()) == sum(
-        len(r["probes"]) for r in records[:2]
-    )
+    given = sum(len(r["probes"]) for r in records[:2])
+    assert sum(len(r["probes"]) for r in kept) + sum(removed.values()) == given
 
 
 def test_cli_writes_dataset_and_prints_stats(tmp_path):
