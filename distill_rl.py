@@ -580,10 +580,32 @@ def masked_logprobs(model, rows, masks, device, temperature, entropy=False):
     return logp, mask.float(), ent
 
 
-def rl_loss(logp, old_logp, ref_logp, mask, adv, cfg, n_seqs, n_tokens):
-    """Eq. 7 on one micro-batch, normalised by the whole step's sequence/token counts.
-    Returns the loss and (kl sum, clipped-token count) for logging."""
-    ratio = torch.exp(logp - old_logp)
+@dataclass
+class PolicyTerms:
+    """Eq. 7's two terms on one micro-batch, each summed over the trained tokens and divided as
+    loss_agg says by the whole step's counts, and what the log reads."""
+
+    clipped_term: torch.Tensor  # min(rho U, clip(rho, 1 - eps, 1 + eps) U), to maximise
+    kl: torch.Tensor  # the k3 estimate of KL(pi_theta || pi_ref), aggregated the same way
+    kl_sum: float  # for the log: the KL summed over the trained tokens
+    n_clipped: float  # for the log: trained tokens whose ratio left [1 - eps, 1 + eps]
+
+
+def aggregate(per_token, mask, cfg, n_seqs, n_tokens):
+    """A per-token quantity (B, T) summed over the trained tokens, then divided as loss_agg says."""
+    if cfg.loss_agg == "seq":  # the mean of each sequence, then the mean over sequences
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if cfg.loss_agg == "token":  # one mean over every trained token of the step
+        return (per_token * mask).sum() / n_tokens
+    # constant: every trained token weighs 1 / (sequences x max_new_tokens), whatever else shares
+    # its row, so probe answers cannot dilute a final answer's weight
+    return (per_token * mask).sum() / (n_seqs * cfg.max_new_tokens)
+
+
+def policy_terms(logp, old_logp, ref_logp, mask, adv, cfg, n_seqs, n_tokens):
+    """Eq. 7's clipped term and KL on one micro-batch: logp, old_logp, ref_logp and mask (B, T),
+    adv (B,); n_seqs and n_tokens count the whole step (all micro-batches, all ranks)."""
+    ratio = torch.exp(logp - old_logp)  # rho = pi_theta / pi_old per token
     if cfg.algo == "reinforce":
         surrogate = ratio * adv[:, None]  # gradient A * grad log pi: plain REINFORCE
         clipped = torch.zeros_like(ratio)
@@ -593,22 +615,24 @@ def rl_loss(logp, old_logp, ref_logp, mask, adv, cfg, n_seqs, n_tokens):
         clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
     r = ref_logp - logp
     kl = torch.exp(r) - r - 1  # k3: unbiased for KL(pi_theta || pi_ref), always >= 0
-    per_token = -(surrogate - cfg.beta * kl) * mask
-    if cfg.loss_agg == "seq":
-        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
-    elif cfg.loss_agg == "token":
-        loss = per_token.sum() / n_tokens
-    else:
-        # constant: every trained token weighs 1 / (sequences x max_new_tokens), whatever else
-        # shares its row
-        loss = per_token.sum() / (n_seqs * cfg.max_new_tokens)
-    return loss, ((kl * mask).sum().item(), (clipped * mask).sum().item())
+    return PolicyTerms(
+        clipped_term=aggregate(surrogate, mask, cfg, n_seqs, n_tokens),
+        kl=aggregate(kl, mask, cfg, n_seqs, n_tokens),
+        kl_sum=(kl * mask).sum().item(),
+        n_clipped=(clipped * mask).sum().item(),
+    )
 
 
 def aux_loss(model, rows, masks, device, n_aux):
     """Eq. 8 on one micro-batch: the NLL of the teacher's response tokens over the step's count."""
     logp, mask, _ = masked_logprobs(model, rows, masks, device, 1.0)
     return -(logp * mask).sum() / n_aux
+
+
+def exgrpo_objective(terms, aux, cfg):
+    """The loss the RL step minimises: -J (Eq. 7, the clipped term less beta * KL) plus
+    lambda * L_aux (Eq. 8). grpo and reinforce are the same expression with aux = 0."""
+    return -(terms.clipped_term - cfg.beta * terms.kl) + cfg.aux_coef * aux
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -658,34 +682,35 @@ def policy_update(model, ref, optimizer, batch, cfg, world_size, where):
         old, refs = score(raw_model, cfg.ppo_epochs > 1), score(ref, cfg.beta != 0)
     stats = UpdateStats(n_tokens=counts["tokens"], time_score=time.time() - t0)
     raw_model.train()
+    # Eq. 8's rows (one per question) never outnumber the rollout rows (G per question): each
+    # micro-batch of rollouts takes at most one of them, so every micro-batch's loss is the whole
+    # objective on its share of the rows
+    aux_chunks = [slice(i, i + cfg.micro_batch) for i in range(0, len(batch.aux), cfg.micro_batch)]
+    aux_chunks += [None] * (len(chunks) - len(aux_chunks))
+    n_aux = counts["aux_tokens"]
     for epoch in range(cfg.ppo_epochs):
         epoch_loss = 0.0
-        for c, old_logp, ref_logp in zip(chunks, old, refs):
+        for c, a, old_logp, ref_logp in zip(chunks, aux_chunks, old, refs):
             with mixed_precision(device, cfg.dtype):
                 logp, mask, entropy = masked_logprobs(
                     model, rows[c], masks[c], device, cfg.temperature, epoch == 0
                 )
+                aux = 0.0
+                if a is not None:
+                    aux = aux_loss(model, batch.aux[a], batch.aux_masks[a], device, n_aux)
             old_logp = logp.detach() if old_logp is None else old_logp
             ref_logp = logp.detach() if ref_logp is None else ref_logp
-            loss, (kl, clipped) = rl_loss(
+            terms = policy_terms(
                 logp, old_logp, ref_logp, mask, adv[c], cfg, counts["seqs"], counts["tokens"]
             )
+            loss = exgrpo_objective(terms, aux, cfg)
             (loss * world_size).backward()  # DDP averages over ranks; the counts are already global
             epoch_loss += loss.item()
-            if epoch == 0:  # KL, clip fraction and entropy beside the loss, for the log
-                stats.kl += kl
-                stats.clipped += clipped
+            if epoch == 0:  # KL, clip fraction, entropy and Eq. 8 beside the loss, for the log
+                stats.kl += terms.kl_sum
+                stats.clipped += terms.n_clipped
                 stats.entropy += entropy.sum().item()
-        for i in range(0, len(batch.aux), cfg.micro_batch):
-            aux, aux_masks = (
-                batch.aux[i : i + cfg.micro_batch],
-                batch.aux_masks[i : i + cfg.micro_batch],
-            )
-            with mixed_precision(device, cfg.dtype):
-                nll = aux_loss(model, aux, aux_masks, device, counts["aux_tokens"])
-            (cfg.aux_coef * nll * world_size).backward()
-            epoch_loss += cfg.aux_coef * nll.item()
-            stats.aux += nll.item() if epoch == 0 else 0.0
+                stats.aux += float(aux.item() if torch.is_tensor(aux) else aux)
         stats.loss = all_reduce_named({"loss": epoch_loss}, device)["loss"]
         stats.grad_norm = optimizer_step(raw_model, optimizer, cfg.grad_clip, stats.loss, where)
     raw_model.eval()

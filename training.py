@@ -246,9 +246,8 @@ def load_data(cfg):
     order = random.Random(cfg.seed).sample(range(len(train)), len(train))
     train = [train[i] for i in sorted(order[: max(1, round(cfg.data_fraction * len(train)))])]
     by_world = {}
-    for r in read_split(
-        data_dir, "val", worlds, required=False
-    ):  # a user's data may bring only train
+    # a user's data may bring only train
+    for r in read_split(data_dir, "val", worlds, required=False):
         by_world.setdefault(r["world"], []).append(r)
     val = [r for group in itertools.zip_longest(*by_world.values()) for r in group if r is not None]
     return train, val[: cfg.eval_problems]
@@ -278,9 +277,8 @@ def init_student(cfg, device):
                 block_size=cfg.block_size,
             )
         ).to(device)
-    turns = (
-        cfg.k + 1 if cfg.stage == "rl" and cfg.algo == "exgrpo" else 1
-    )  # answers one rollout writes
+    # the answers one rollout writes
+    turns = cfg.k + 1 if cfg.stage == "rl" and cfg.algo == "exgrpo" else 1
     if turns * cfg.max_new_tokens >= model.config.block_size:
         raise SystemExit(
             f"{turns} answers of --max_new_tokens={cfg.max_new_tokens} do not fit the student's "
@@ -339,9 +337,8 @@ LIMITS = dict(
         ),
         "[0, inf)",
     ),
-    **dict.fromkeys(
-        ("lr", "rl_lr", "grad_clip", "temperature"), "(0, inf)"
-    ),  # temperature 0: identical rollouts
+    # temperature 0 would make every rollout of a group identical
+    **dict.fromkeys(("lr", "rl_lr", "grad_clip", "temperature"), "(0, inf)"),
     data_fraction="(0, 1]",
     ei_mix="[0, 1]",
     min_lr_ratio="[0, 1]",

@@ -16,16 +16,23 @@ from distill_rl import (
     Config,
     RolloutBatch,
     dsu_bonus,
+    exgrpo_objective,
     group_advantages,
     masked_logprobs,
+    policy_terms,
     policy_update,
-    rl_loss,
 )
 from model import GPT, GPTConfig, KVCache, load_checkpoint
 from tasks import prompt_ids
 from tokenizer import CompactTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rl_loss(logp, old_logp, ref_logp, mask, adv, cfg, n_seqs, n_tokens):
+    """Eq. 7 alone (no aux rows) through the objective, and what the log reads of it."""
+    terms = policy_terms(logp, old_logp, ref_logp, mask, adv, cfg, n_seqs, n_tokens)
+    return exgrpo_objective(terms, 0.0, cfg), (terms.kl_sum, terms.n_clipped)
 
 
 def nano(vocab=40, seed=0):
@@ -60,9 +67,9 @@ def test_dsu_bonus_by_hand():
             [1.0, 0.0, 1.0, 0.0],  # P_full 0.5 > P_partial 0.25: fires
             [1.0, 0.0, 0.0, 0.0],  # 0.25 = 0.25: does not fire (strict >)
             [1.0, 1.0, 0.0, 0.0],  # P_partial 0: fires
-            [0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0],  # 0 > 0 is false
         ]
-    )  # 0 > 0 is false
+    )
     partial = torch.tensor([[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4, [0.0] * 4])
     bonus, fired = dsu_bonus(full, partial, delta=0.5, nu=1.0)
     assert fired.tolist() == [True, False, True, False]
@@ -236,6 +243,15 @@ def test_loss_aggregation_by_hand():
     assert const.item() == pytest.approx(-(3 * 1.0 + 3.0) / (2 * 5))  # 2 sequences x 5 new tokens
 
 
+def test_the_objective_is_one_expression_by_hand():
+    """-J + lambda * L_aux, with J = the clipped term - beta * KL: -(2 - 0.04 * 0.5) + 0.1 * 3."""
+    terms = distill_rl.PolicyTerms(torch.tensor(2.0), torch.tensor(0.5), 0.0, 0.0)
+    loss = exgrpo_objective(terms, torch.tensor(3.0), Config(beta=0.04, aux_coef=0.1))
+    assert loss.item() == pytest.approx(-(2.0 - 0.04 * 0.5) + 0.1 * 3.0)
+    no_aux = exgrpo_objective(terms, torch.tensor(3.0), Config(beta=0.0, aux_coef=0.0))
+    assert no_aux.item() == pytest.approx(-2.0)
+
+
 def test_clipping_by_hand():
     """rho = e^0.5 > 1.2 with positive advantage: the clipped term is taken, no gradient."""
     logp = torch.full((1, 2), 0.5, requires_grad=True)
@@ -368,8 +384,8 @@ def test_golden_sft_losses(data_dir):
     assert losses == pytest.approx(GOLDEN_SFT_LOSSES, rel=1e-4)
 
 
-# re-derived when the data changed (skewed distractor counts, reverse share 0.1, coin's undo steps name
-# their event): new data, new values
+# re-derived when the data changed (skewed distractor counts, reverse share 0.1, coin's undo steps
+# name their event): new data, new values
 GOLDEN_SFT_LOSSES = [5.1791887283325195, 5.177648544311523, 5.183085918426514]
 
 
@@ -434,9 +450,8 @@ def test_sft_resume_equals_uninterrupted_run(data_dir, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in log(data_dir, "resumed")] == [1, 2, 3, 4, 5, 6]
     stamp = os.path.getmtime(os.path.join(data_dir, "ckpt", "resumed.pt"))
-    sft(
-        data_dir, "--max_iters=6", "--name=resumed", "--resume=True"
-    )  # finished: nothing trained, nothing written
+    # finished: nothing trained, nothing written
+    sft(data_dir, "--max_iters=6", "--name=resumed", "--resume=True")
     assert os.path.getmtime(os.path.join(data_dir, "ckpt", "resumed.pt")) == stamp
 
 
@@ -452,9 +467,8 @@ def test_rl_resume_equals_uninterrupted_run(data_dir, monkeypatch):
     a, b = weights(data_dir, "rl_straight"), weights(data_dir, "rl_resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     first = log(data_dir, "rl_straight")[0]
-    assert (
-        first["kl"] == 0.0 and first["clip_frac"] == 0.0
-    )  # pi_theta == pi_old == pi_ref at step 1
+    # pi_theta == pi_old == pi_ref at step 1
+    assert first["kl"] == 0.0 and first["clip_frac"] == 0.0
     # resuming a finished run trains nothing: no difficulty filter, the checkpoint and log untouched
     path = os.path.join(data_dir, "ckpt", "rl_resumed.pt")
     before, stamp, lines = (
@@ -508,7 +522,8 @@ import hashlib, os, sys
 sys.path.insert(0, {root!r})
 import distill_rl
 model = distill_rl.main(sys.argv[1:])
-digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+weights = b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())
+digest = hashlib.sha256(weights).hexdigest()
 open(os.path.join({out!r}, "digest_" + os.environ["RANK"]), "w").write(digest)
 """
 
@@ -709,10 +724,10 @@ def update_gap(out_dir, init, adv_group, monkeypatch):
 
 
 def test_dsu_share_by_hand():
-    """G = 2. Full [1, 0] vs partial [0, 0] fires, but the joint group [1.5, 0, 0, 0] normalises to the
-    advantages of [1, 0, 0, 0]: share 0. Full [1, 1] vs partial [1, 0]: the group [1.5, 1.5, 1, 0] has
-    mean 1 and std sqrt(0.375), so A's advantages are 0.5 / 0.6124 = 0.8165 against 0.25 / 0.4330 =
-    0.5774 without the bonus: share 1 - 0.5774 / 0.8165 = 1 - 1/sqrt(2)."""
+    """G = 2. Full [1, 0] vs partial [0, 0] fires, but the joint group [1.5, 0, 0, 0] normalises to
+    the advantages of [1, 0, 0, 0]: share 0. Full [1, 1] vs partial [1, 0]: the group
+    [1.5, 1.5, 1, 0] has mean 1 and std sqrt(0.375), so A's advantages are 0.5 / 0.6124 = 0.8165
+    against 0.25 / 0.4330 = 0.5774 without the bonus: share 1 - 0.5774 / 0.8165 = 1 - 1/sqrt(2)."""
     cfg = Config(algo="exgrpo", delta=0.5, nu=1.0)
     for full, partial, share in (
         ([[1.0, 0.0]], [[0.0, 0.0]], 0.0),
@@ -733,6 +748,5 @@ def test_two_runs_differing_only_in_the_bonus_end_apart(data_dir, monkeypatch):
         update_gap(data_dir, init, "scenario", monkeypatch),
     )
     assert joint > 0.05  # measured 0.094: the bonus moves the update
-    assert (
-        scenario < 1e-3
-    )  # measured 2e-5: with A alone as the group it cancels, which is why it is joint
+    # measured 2e-5: with A alone as the group it cancels, which is why it is joint
+    assert scenario < 1e-3
