@@ -58,7 +58,8 @@ def run(capsys, script, *args):
 
 
 def fails(capsys, script, *args, says):
-    """Run, expect exit code 1 and one sentence (the last line of stderr) holding every word of says."""
+    """Run, expect exit code 1 and one sentence (the last line of stderr) holding every word of
+    says."""
     code, out, err = run(capsys, script, *args)
     assert code == 1 and "Traceback" not in err, (code, err)
     sentence = err.strip().splitlines()[-1]
@@ -202,9 +203,8 @@ def test_a_real_process_exits_1_without_a_traceback(tmp_path):
         text=True,
         timeout=120,
     )
-    assert out.returncode == 1 and "Traceback" not in out.stderr and "bad.py:1" in out.stderr, (
-        out.stderr
-    )
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "bad.py:1" in out.stderr, out.stderr
 
 
 def test_programming_errors_keep_their_traceback():
@@ -405,9 +405,8 @@ def test_model_prompt_keeps_non_ascii_text(capsys, tmp_path):
         "--device=cpu",
     )
     assert code == 0, err
-    assert (
-        "Caf\u00e9 \u2615\nna\u00efve" in out
-    )  # "\n" typed on the command line is a newline; the rest as typed
+    # "\n" typed on the command line is a newline; the rest as typed
+    assert "Caf\u00e9 \u2615\nna\u00efve" in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,11 +427,8 @@ def test_overwrite_that_fails_before_its_first_step_keeps_the_old_run(capsys, ru
     """The NaN guard at step 1 of a rerun: the old checkpoint and log stay byte-identical, and the
     message does not pass the old checkpoint off as this run's."""
     real = training.optimizer_step
-    monkeypatch.setattr(
-        training,
-        "optimizer_step",
-        lambda m, o, clip, loss, where: real(m, o, clip, float("nan"), where),
-    )
+    nan_loss = lambda m, o, clip, loss, where: real(m, o, clip, float("nan"), where)
+    monkeypatch.setattr(training, "optimizer_step", nan_loss)
     before = snapshot(run_dir)
     fails(
         capsys,
@@ -444,11 +440,8 @@ def test_overwrite_that_fails_before_its_first_step_keeps_the_old_run(capsys, ru
 
 def test_nan_in_rl_names_no_checkpoint_that_does_not_exist(capsys, run_dir, monkeypatch):
     real = training.optimizer_step
-    monkeypatch.setattr(
-        training,
-        "optimizer_step",
-        lambda m, o, clip, loss, where: real(m, o, clip, float("nan"), where),
-    )
+    nan_loss = lambda m, o, clip, loss, where: real(m, o, clip, float("nan"), where)
+    monkeypatch.setattr(training, "optimizer_step", nan_loss)
     sentence = fails(
         capsys,
         "distill_rl.py",
@@ -463,9 +456,8 @@ def test_nan_in_rl_names_no_checkpoint_that_does_not_exist(capsys, run_dir, monk
         *NANO,
         says=["at step 1; no checkpoint of this run"],
     )
-    assert "rl_exgrpo.pt" not in sentence and not os.path.exists(
-        os.path.join(run_dir, "ckpt", "rl_exgrpo.pt")
-    )
+    assert "rl_exgrpo.pt" not in sentence
+    assert not os.path.exists(os.path.join(run_dir, "ckpt", "rl_exgrpo.pt"))
 
 
 def test_resume_with_a_smaller_step_limit_is_refused(capsys, run_dir):
@@ -517,10 +509,8 @@ def test_resume_of_a_torn_checkpoint_is_refused(capsys, run_dir):
 def test_resume_with_nothing_to_resume_starts_fresh_with_a_note(capsys, run_dir):
     code, _, err = run(capsys, *sft(run_dir, "--max_iters=2", "--resume=True", "--name=new"))
     assert code == 0 and "nothing to resume" in err and "starting new from step 0" in err, err
-    assert [r["step"] for r in training.read_log(os.path.join(run_dir, "logs", "new.jsonl"))] == [
-        1,
-        2,
-    ]
+    steps = [r["step"] for r in training.read_log(os.path.join(run_dir, "logs", "new.jsonl"))]
+    assert steps == [1, 2]
 
 
 def test_resume_drops_a_torn_last_log_line_with_a_note(capsys, run_dir):
@@ -589,9 +579,8 @@ def test_the_lock_of_a_dead_process_is_taken_over(capsys, run_dir):
 
 def test_a_held_lock_that_names_no_process_counts_as_held(capsys, run_dir):
     with open(os.path.join(run_dir, "logs", "base.lock"), "w") as f:
-        f.write(
-            ""
-        )  # a process that died between creating the lock and writing its pid, or one doing so now
+        # a process that died between creating the lock and writing its pid, or one doing so now
+        f.write("")
     fails(
         capsys,
         *sft(run_dir, "--max_iters=5", "--resume=True"),
@@ -624,10 +613,8 @@ def test_user_data_goes_to_its_own_run_folder(capsys, tmp_path, trained, monkeyp
     code, out, err = run(capsys, "invert.py", f"--input_jsonl={path}")
     assert code == 0, err
     assert snapshot(tmp_path / "out" / "default") == before
-    assert sorted(os.listdir(tmp_path / "out" / "user-mine" / "data")) == [
-        "stats.json",
-        "train.jsonl",
-    ]
+    folder = tmp_path / "out" / "user-mine" / "data"
+    assert sorted(os.listdir(folder)) == ["stats.json", "train.jsonl"]
 
 
 def test_invert_refuses_to_replace_another_runs_data(capsys, run_dir, tmp_path):
@@ -660,19 +647,15 @@ def test_invert_with_overwrite_leaves_no_split_of_the_old_data(capsys, run_dir, 
         capsys, "invert.py", f"--input_jsonl={path}", f"--out_dir={run_dir}", "--overwrite=True"
     )
     assert code == 0, err
-    assert sorted(os.listdir(os.path.join(run_dir, "data"))) == [
-        "stats.json",
-        "test_id.jsonl",
-        "train.jsonl",
-    ]
+    folder = os.path.join(run_dir, "data")
+    assert sorted(os.listdir(folder)) == ["stats.json", "test_id.jsonl", "train.jsonl"]
 
 
 def test_invert_rerun_with_the_same_settings_is_allowed(capsys, run_dir):
-    splits = lambda: {
-        f: data
-        for f, data in snapshot(os.path.join(run_dir, "data")).items()
-        if f.endswith(".jsonl")
-    }
+    def splits():
+        files = snapshot(os.path.join(run_dir, "data"))
+        return {f: data for f, data in files.items() if f.endswith(".jsonl")}
+
     before = splits()
     code, _, err = run(
         capsys,
@@ -759,7 +742,8 @@ def test_probe_on_a_world_the_data_lacks(capsys, trained, tmp_path):
 
 
 def fill_disk(monkeypatch, marker=".tmp"):
-    """Every write to a file whose name holds marker (the atomic writer's temp files) fails as on a full disk."""
+    """Every write to a file whose name holds marker (the atomic writer's temp files) fails as on a
+    full disk."""
     real = builtins.open
 
     class Full:
