@@ -82,11 +82,8 @@ def test_mixed_precision_on_cpu_is_fp32_and_leaves_tf32_alone():
     assert isinstance(C.mixed_precision("cpu", "float32"), contextlib.nullcontext)
     assert torch.backends.cuda.matmul.fp32_precision == before  # the CUDA branch was not taken
     forced = C.mixed_precision("cpu", "bfloat16")  # the autocast path itself, for the tests
-    assert (
-        isinstance(forced, torch.autocast)
-        and forced.device == "cpu"
-        and forced.fast_dtype == torch.bfloat16
-    )
+    assert isinstance(forced, torch.autocast)
+    assert forced.device == "cpu" and forced.fast_dtype == torch.bfloat16
     with pytest.raises(SystemExit, match="--dtype=float16 is not one of auto, float32, bfloat16"):
         C.mixed_precision("cpu", "float16")
 
@@ -99,11 +96,8 @@ def test_mixed_precision_on_cuda_is_bf16_autocast_with_tf32():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a CPU-only build warns that it disables CUDA autocast
             ctx = C.mixed_precision("cuda:0")
-        assert (
-            isinstance(ctx, torch.autocast)
-            and ctx.device == "cuda"
-            and ctx.fast_dtype == torch.bfloat16
-        )
+        assert isinstance(ctx, torch.autocast)
+        assert ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
         assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     finally:
         torch.backends.cuda.matmul.fp32_precision = before
