@@ -35,7 +35,10 @@ def word_problem(k):
     g = random.Random(k)
     name, thing, a, b = g.choice(NAMES), g.choice(THINGS), g.randint(5, 30), g.randint(2, 9)
     c = g.randint(1, a + b - 1)
-    q = f"{name} has {a} {thing}. {name} gets {b} more and gives away {c}. How many {thing} does {name} have now?"
+    q = (
+        f"{name} has {a} {thing}. {name} gets {b} more and gives away {c}. How many {thing} does "
+        f"{name} have now?"
+    )
     return (
         q,
         f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}. The answer is {a + b - c}.",
@@ -44,7 +47,8 @@ def word_problem(k):
 
 
 def solve(question):
-    """The count a question of word_problem's form (or a probe the scripted teacher wrote) ends with."""
+    """The count a question of word_problem's form (or a probe the scripted teacher wrote) ends
+    with."""
     got = re.search(r"has (\d+) \w+\. \w+ gets (\d+) more and gives away (\d+)", question)
     return got and int(got[1]) + int(got[2]) - int(got[3])
 
@@ -63,11 +67,15 @@ def write_jsonl(path, problems, test_from=None):
 
 
 class Scripted(http.server.BaseHTTPRequestHandler):
-    """A chat-completions server answering as a correct teacher, except as server.script says: greedy_wrong
-    (questions it gets wrong at temperature 0), always_wrong, and per rule malformed / wrong (the probe's
-    written answer is off by one) / long (written in words) / distracting (Q answered wrong after it). Faults:
-    server.faults is popped per request ('500', 'slow', 'garbage'); server.die_after answered requests,
-    the server shuts down. server.answered lists the bodies answered with 200."""
+    """A chat-completions server answering as a correct teacher, except as server.script says:
+    greedy_wrong (questions it gets wrong at temperature 0), always_wrong, and per rule malformed /
+    wrong (the probe's written answer is off by one) / long (written in words) / distracting (Q
+    answered wrong after it). Faults: server.faults is popped per request ('500', 'slow',
+    'garbage'); server.die_after answered requests, the server shuts down. server.kind "old"
+    refuses max_completion_tokens, as older vLLM and llama.cpp builds do; "reasoning" behaves like
+    a hosted reasoning model: it refuses max_tokens, temperature and seed (REFUSALS) and spends
+    server.reasoning hidden tokens of the limit before it answers. server.answered lists the bodies
+    answered with 200, server.refused those refused."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -92,9 +100,16 @@ class Scripted(http.server.BaseHTTPRequestHandler):
             return self.send(500, json.dumps({"error": {"message": "overloaded"}}))
         if fault == "garbage":
             return self.send(200, "<html>Bad gateway</html>")
-        text = self.teacher(body)
+        refused = next((e for kind, test, e in REFUSALS if kind == s.kind and test(body)), None)
         with s.lock:
-            s.answered.append(json.dumps(body, sort_keys=True))
+            (s.refused if refused else s.answered).append(json.dumps(body, sort_keys=True))
+        if refused:
+            return self.send(400, json.dumps({"error": refused}))
+        text, finish, spent = self.teacher(body), "stop", 0
+        if s.kind == "reasoning":  # it thinks first, within the same limit, then answers
+            spent = s.reasoning
+            if spent + len(text.split()) > body["max_completion_tokens"]:
+                text, finish, spent = None, "length", body["max_completion_tokens"]
         self.send(
             200,
             json.dumps(
@@ -103,12 +118,12 @@ class Scripted(http.server.BaseHTTPRequestHandler):
                         {
                             "index": 0,
                             "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop",
+                            "finish_reason": finish,
                         }
                     ],
                     "usage": {
                         "prompt_tokens": len(json.dumps(body["messages"]).split()),
-                        "completion_tokens": len(text.split()),
+                        "completion_tokens": spent + len((text or "").split()),
                     },
                 }
             ),
@@ -138,7 +153,7 @@ class Scripted(http.server.BaseHTTPRequestHandler):
         if ans is None:
             return "I cannot tell."
         before = [m["content"] for m in messages[:-1] if m["role"] == "user"]
-        greedy_wrong = last in script.get("greedy_wrong", ()) and body["temperature"] == 0
+        greedy_wrong = last in script.get("greedy_wrong", ()) and body.get("temperature") == 0
         if (
             last in script.get("always_wrong", ())
             or greedy_wrong
@@ -158,7 +173,47 @@ class Scripted(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def start(script=None, faults=(), always=None, slow=0.0, die_after=None, port=0):
+# (kind of server, what it refuses, its error body), in the order it checks them: the words of
+# OpenAI's reasoning models, and of a server that names the parameter in the message alone
+REFUSALS = [
+    (
+        "old",
+        lambda body: "max_completion_tokens" in body,
+        {"message": "Unrecognized request argument supplied: max_completion_tokens", "param": None},
+    ),
+    (
+        "reasoning",
+        lambda body: "max_tokens" in body,
+        {
+            "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+            "'max_completion_tokens' instead.",
+            "type": "invalid_request_error",
+            "param": "max_tokens",
+            "code": "unsupported_parameter",
+        },
+    ),
+    (
+        "reasoning",
+        lambda body: body.get("temperature", 1) != 1,
+        {
+            "message": "Unsupported value: 'temperature' does not support 0.0 with this model. "
+            "Only the default (1) value is supported.",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": "unsupported_value",
+        },
+    ),
+    (
+        "reasoning",
+        lambda body: "seed" in body,
+        {"message": "Unrecognized request argument supplied: seed", "param": None, "code": None},
+    ),
+]
+
+
+def start(
+    script=None, faults=(), always=None, slow=0.0, die_after=None, port=0, kind=None, reasoning=0
+):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Scripted)
     server.script, server.faults, server.always, server.slow = (
         script or {},
@@ -167,6 +222,7 @@ def start(script=None, faults=(), always=None, slow=0.0, die_after=None, port=0)
         slow,
     )
     server.die_after, server.dying, server.answered, server.auth = die_after, False, [], set()
+    server.kind, server.reasoning, server.refused = kind, reasoning, []
     server.lock = threading.Lock()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -234,7 +290,10 @@ def test_the_prompts_cover_every_rule_and_replies_parse():
         "rationale": "Yes. The answer is yes.",
         "answer": "yes",
     }
-    reply = 'Sure:\n```json\n{"probe": "Is it 3?", "rationale": "Yes. The answer is yes.", "answer": "yes"}\n```'
+    reply = (
+        'Sure:\n```json\n{"probe": "Is it 3?", "rationale": "Yes. The answer is yes.", '
+        '"answer": "yes"}\n```'
+    )
     assert llm_teacher.parse_probe(reply, "verify") == want
     assert (
         llm_teacher.parse_probe('{"probe": "Is it 3?", "rationale": "x", "answer": 3}', "verify")[
@@ -282,14 +341,12 @@ def test_the_llm_teacher_writes_and_filters_the_ei_data(tmp_path, scripted, monk
     )
     rules = "verify,decompose,analogy,cause,premise"
     invert.main(invert_args(tmp_path, server, rules=rules))
-    got = tasks.load_records(
-        str(tmp_path / "run" / "data" / "train.jsonl")
-    )  # the schema every stage reads
+    # the schema every stage reads
+    got = tasks.load_records(str(tmp_path / "run" / "data" / "train.jsonl"))
     assert [r["question"] for r in got] == [q for q in qs if q != qs[2]]
-    for r in (
-        got
-    ):  # verify unparseable, decompose answered otherwise, cause distracting; and Eq. 1 removes
-        # every probe of the Q the teacher gets wrong when greedy: it is greedy in the dialogues too
+    # verify unparseable, decompose answered otherwise, cause distracting; and Eq. 1 removes
+    # every probe of the Q the teacher gets wrong when greedy: it is greedy in the dialogues too
+    for r in got:
         assert tasks.is_correct("user", r["rationale"], r["answer"]) and r["rationale"].startswith(
             "Counting"
         )
@@ -306,20 +363,18 @@ def test_the_llm_teacher_writes_and_filters_the_ei_data(tmp_path, scripted, monk
     assert f["probes_unusable"] == {"verify": 5} and f["removed_probe_wrong"] == {"decompose": 5}
     assert f["removed_inconsistent"] == {"cause": 5, "analogy": 1, "premise": 1}
     assert f["probes_kept"] == {"analogy": 4, "premise": 4}
-    assert f["judged"] == {
-        "asked": 10,
-        "same": 10,
-    }  # the analogy and cause answers written in words
+    # the analogy and cause answers written in words
+    assert f["judged"] == {"asked": 10, "same": 10}
     assert "judged by the teacher itself" in f["answer_check"]
-    # every distinct request went out once: 6 greedy rationales, then 2, 1 and 1 sampled (the one wrong only
-    # when greedy, the one it never gets right), 25 probes written, 20 answered, 10 judged, 15 Eq. 1 dialogues
+    # every distinct request went out once: 6 greedy rationales, then 2, 1 and 1 sampled (the one
+    # wrong only when greedy, the one it never gets right), 25 probes written, 20 answered, 10
+    # judged, 15 Eq. 1 dialogues
     assert len(server.answered) == len(set(server.answered)) == 10 + 25 + 20 + 10 + 15
     assert server.auth == {f"Bearer {KEY}"}  # the key was sent ...
     written = files(tmp_path / "run")
     assert any(name.startswith("teacher_cache") for name in written)
-    assert not [
-        name for name, data in written.items() if KEY.encode() in data
-    ]  # ... and is in no file written
+    # ... and is in no file written
+    assert not [name for name, data in written.items() if KEY.encode() in data]
 
 
 def test_what_the_user_wrote_is_kept_and_only_eq1_asks_about_it(tmp_path, scripted):
@@ -357,11 +412,10 @@ def test_a_500_and_a_timeout_are_retried(tmp_path, scripted):
     invert.main(invert_args(tmp_path, clean, run="a"))
     faulty = scripted(faults=["500", "slow", "500"], slow=2.0)
     invert.main(invert_args(tmp_path, faulty, "--teacher_timeout=0.5", run="b"))
-    data = lambda run: files(tmp_path / run / "data")["train.jsonl"]  # noqa: E731
+    data = lambda run: files(tmp_path / run / "data")["train.jsonl"]
     assert data("b") == data("a")
-    assert sorted(faulty.answered) == sorted(
-        clean.answered
-    )  # each asked again until it was answered
+    # each asked again until it was answered
+    assert sorted(faulty.answered) == sorted(clean.answered)
 
 
 @pytest.mark.parametrize(
@@ -370,8 +424,9 @@ def test_a_500_and_a_timeout_are_retried(tmp_path, scripted):
         ("slow", "did not answer after 4 tries (timed out); what it answered before is cached in"),
         (
             "garbage",
-            "answered with something that is not an OpenAI chat completion ('<html>Bad gateway</html>'); "
-            "is --teacher the /v1 address of an OpenAI-compatible server?",
+            "answered with something that is not an OpenAI chat completion "
+            "('<html>Bad gateway</html>'); is --teacher the /v1 address of an OpenAI-compatible "
+            "server?",
         ),
         ("500", "did not answer after 4 tries (HTTP 500: overloaded)"),
     ],
@@ -419,19 +474,86 @@ def test_a_run_killed_mid_way_resumes_from_the_cache_without_asking_twice(tmp_pa
     invert.main(invert_args(tmp_path, second, run="b"))
     assert not set(first.answered) & set(second.answered)  # nothing the cache held was asked again
     assert sorted(first.answered + second.answered) == sorted(clean.answered)
-    data = lambda run: files(tmp_path / run / "data")["train.jsonl"]  # noqa: E731
+    data = lambda run: files(tmp_path / run / "data")["train.jsonl"]
     assert data("b") == data("a")
     second.answered.clear()
     invert.main(invert_args(tmp_path, second, run="b"))
     assert second.answered == []  # a finished run asks nothing at all
 
 
+def test_a_refused_parameter_is_told_from_a_refusal_of_the_request():
+    refusal, named = llm_teacher.Refusal, llm_teacher.refused_parameter
+    told = [named(refusal(e["message"], e.get("param"), e.get("code"))) for _, _, e in REFUSALS]
+    assert told == [None, "max_tokens", "temperature", "seed"]  # the old server's is not ours
+    assert named(refusal("extra_forbidden: Extra inputs are not permitted (seed)")) == "seed"
+    for other in (  # the request itself is refused: nothing to learn
+        refusal(
+            "This model's maximum context length is 2048 tokens. However, you requested 2100 "
+            "tokens (1972 in the messages, 128 in the completion)."
+        ),
+        refusal(
+            "this model has a context of 512 tokens: the prompt takes 500 and max_tokens asks "
+            "for 128",
+            "max_tokens",
+            "context_length_exceeded",
+        ),
+        refusal("Unsupported value: 'logprobs' is not supported", "logprobs", "unsupported_value"),
+    ):
+        assert named(other) is None
+
+
+def test_the_teacher_asks_each_kind_of_server_as_it_takes_it(tmp_path, scripted, capsys):
+    old = scripted(kind="old")
+    invert.main(invert_args(tmp_path, old, run="a"))
+    assert old.refused == [] and "does not take" not in capsys.readouterr().out
+    sent = [json.loads(b) for b in old.answered]
+    assert all({"max_tokens", "temperature", "seed"} <= set(b) for b in sent)
+    reasoning = scripted(kind="reasoning", reasoning=40)
+    invert.main(invert_args(tmp_path, reasoning, run="b"))
+    out = capsys.readouterr().out
+    # it learnt each parameter from its first refusal, and said so once
+    assert [line.split("'")[1] for line in out.splitlines() if "does not take" in line] == [
+        "max_tokens",
+        "temperature",
+        "seed",
+    ], out
+    assert "requests now send it as 'max_completion_tokens'" in out
+    assert "and the cache keys stay as they were" in out
+    assert reasoning.refused  # the requests in flight were refused, and sent again: none is lost
+    stats = json.loads((tmp_path / "b" / "data" / "stats.json").read_text())
+    assert stats["teacher_requests"]["refused"] == 0 and ", 0 refused (HTTP 400)" in out
+    answered = [json.loads(b) for b in reasoning.answered]
+    assert all(set(b) == {"model", "messages", "max_completion_tokens"} for b in answered)
+    assert sorted(json.dumps(b["messages"]) for b in answered) == sorted(
+        json.dumps(b["messages"]) for b in sent
+    )
+    # the cache keys are those of the requests as written: the same entries in both runs
+    cache = lambda run: sorted(n for n in files(tmp_path / run) if n.startswith("teacher_cache"))
+    assert cache("b") == cache("a") and len(cache("a")) == len(sent)
+    data = lambda run: files(tmp_path / run / "data")["train.jsonl"]
+    assert data("b") == data("a")
+
+
+def test_a_reasoning_model_that_thinks_past_the_limit_stops_the_run(tmp_path, scripted):
+    server = scripted(kind="reasoning", reasoning=200)
+    with pytest.raises(UserError) as e:
+        invert.main(invert_args(tmp_path, server, "--teacher_max_new_tokens=128", n=1))
+    said = str(e.value)
+    assert said.startswith(
+        f"the teacher at http://127.0.0.1:{server.server_port}/v1 used all 128 tokens of "
+        "--teacher_max_new_tokens before it wrote any answer"
+    )
+    assert said.endswith("raise --teacher_max_new_tokens, e.g. to 1024") and "\n" not in said
+    assert not (tmp_path / "run" / "data").exists()
+
+
 # ---- the whole pipeline with scripts/serve.py and a real model behind it ----
 
 
 def memorising_teacher(path, problems, rules):
-    """A 2-layer checkpoint trained until it writes each problem's rationale, with a compact vocabulary that
-    also reads the EI-probe prompts it will be sent: a real model that knows 20 answers, and no more."""
+    """A 2-layer checkpoint trained until it writes each problem's rationale, with a compact
+    vocabulary that also reads the EI-probe prompts it will be sent: a real model that knows 20
+    answers, and no more."""
     prompts = [
         llm_teacher.probe_messages({"question": q, "answer": a, "rationale": r}, rule)[0]["content"]
         for q, r, a in problems
@@ -494,7 +616,8 @@ def test_serve_then_invert_sft_and_evaluate_end_to_end(tmp_path):
     try:
         line = server.stdout.readline()
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1$", line.strip())[1])
-        # the chat template: the students' prompt format, system messages dropped, turns EOT-separated
+        # the chat template: the students' prompt format, system messages dropped, turns
+        # EOT-separated
         (q0, r0, _), (q1, _, a1) = PROBLEMS[:2]
         chat = [
             {"role": "system", "content": "Be brief."},
@@ -519,14 +642,14 @@ def test_serve_then_invert_sft_and_evaluate_end_to_end(tmp_path):
             "completion_tokens": int(mask.sum()),
             "total_tokens": reply["usage"]["total_tokens"],
         }
-        status, reply = post(
-            port, {"model": "teacher", "messages": chat[3:], "temperature": 0}
-        )  # max_tokens: the rest
+        # max_tokens: the rest
+        status, reply = post(port, {"model": "teacher", "messages": chat[3:], "temperature": 0})
+        # the rationale it learnt, then end of text
         assert reply["choices"][0] == {
             "index": 0,
             "finish_reason": "stop",
             "message": {"role": "assistant", "content": PROBLEMS[1][1]},
-        }  # the rationale it learnt, then end of text
+        }
         sampled = [
             post(port, {"model": "teacher", "messages": chat[3:], "max_tokens": 5, "seed": 3})[1]
             for _ in range(2)
@@ -577,7 +700,8 @@ def test_serve_then_invert_sft_and_evaluate_end_to_end(tmp_path):
         "user"
     ]
     assert stats["rationale_tries"] == {"1": 16}
-    # a 2-layer model is no writer of EI probes: what it wrote is counted, and nothing unparsed is kept
+    # a 2-layer model is no writer of EI probes: what it wrote is counted, and nothing unparsed is
+    # kept
     assert sum(stats["probes_unusable"].values()) + sum(
         stats["removed_probe_wrong"].values()
     ) + sum(stats["removed_inconsistent"].values()) + sum(
