@@ -14,3 +14,6 @@ def pytest_configure(config):
         "slow: minutes on 2 CPU cores (the full-shape GPT-2 smoke); "
         "python -m pytest -m 'not slow' skips it",
     )
+    config.addinivalue_line(
+        "markers", "lint: ruff format --check and ruff check over the whole repository"
+    )
