@@ -48,74 +48,13 @@ PRESETS = {
     "nano": dict(n_layer=2, n_head=2, n_embd=32, block_size=128),  # tests
 }
 
-# --- the blocks ----------------------------------------------------------------------------
-
-
-class KVCache:
-    """Keys/values of every layer for a batch, preallocated to max_len slots and written in place, so
-    that a compiled decode step can have the same shapes at every step (what CUDA graphs need).
-    `valid` marks the real (non-pad) slots, `n_real` counts each row's real tokens (its next position
-    id), `filled` the slots written so far (a tensor, so a captured step can advance it)."""
-
-    def __init__(self, config, batch, max_len, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch, config.n_head, max_len, hs)
-        if torch.is_autocast_enabled(
-            torch.device(device).type
-        ):  # keys and values in bf16: half the memory
-            dtype = torch.get_autocast_dtype(torch.device(device).type)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
-        self.filled = torch.zeros(1, dtype=torch.long, device=device)
-        self.slots = None  # the slots the running forward writes, (T,)
-        self.window = None  # the leading slots it attends over: None = all max_len (a captured step's fixed shape)
-        self.static = (
-            False  # True while a compiled step decodes: every step then attends over every slot
-        )
-
-    @property
-    def length(self):
-        return int(self.filled)
-
-    def reserve(self, n):
-        """Room for n more slots, by doubling: a dialogue's later turns outgrow the first guess."""
-        need, have = self.length + n, self.k.size(3)
-        if need > have:
-            grow = max(need, 2 * have) - have
-            pad = lambda t: torch.cat([t, t.new_empty(*t.shape[:3], grow, t.size(4))], dim=3)
-            self.k, self.v = pad(self.k), pad(self.v)
-            self.valid = torch.cat(
-                [self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1
-            )
-
-    def add(self, real):
-        """Mark the next T slots' real tokens, (B, T) bool, and point the layers at them. Returns the
-        real-key mask of the slots so far, (B, start + T), and the new slots, (T,)."""
-        start, T = self.length, real.size(1)
-        if start + T > self.k.size(3):
-            raise ValueError(
-                f"KV cache of {self.k.size(3)} slots cannot take {start + T}: allocate more"
-            )
-        self.slots = torch.arange(start, start + T, device=real.device)
-        self.valid[:, start : start + T] = real
-        self.n_real += real.sum(1)
-        self.filled += T
-        self.window = start + T
-        return self.valid[:, : start + T], self.slots
-
-    def repeat_interleave(self, n):
-        """Prefill once, then give each of the n samples of a prompt its own copy."""
-        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        self.valid = self.valid.repeat_interleave(n, dim=0)
-        self.n_real = self.n_real.repeat_interleave(n, dim=0)
+# --- the blocks ------------------------------------------------------------------------------
 
 
 def attention_mask(keys, q_slots):
-    """(B, 1, T, Tk) bool mask for queries at slots q_slots (T,) of Tk: a query sees the real keys at
-    or before it. keys (B, Tk) marks the real slots. A pad query may see no real key, and SDPA returns
-    NaN for an empty row, so every query also sees itself (pad outputs are never used)."""
+    """(B, 1, T, Tk) bool mask for queries at slots q_slots (T,) of Tk: a query sees the real keys
+    at or before it. keys (B, Tk) marks the real slots. A pad query may see no real key, and SDPA
+    returns NaN for an empty row, so every query also sees itself (pad outputs are never used)."""
     k_slot = torch.arange(keys.size(1), device=keys.device)[None, :]
     q_slot = q_slots[:, None]
     return (((k_slot <= q_slot)[None] & keys[:, None, :]) | (k_slot == q_slot)[None])[:, None]
@@ -131,27 +70,15 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask, cache, layer):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (
-            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
-        )  # (B, nh, T, hs)
-        if (
-            cache is not None
-        ):  # write this step's slots in place, attend over the first `window` (mask)
-            if (
-                cache.window is None
-            ):  # a captured step: its slot is a tensor, it attends over every slot
-                cache.k[layer].index_copy_(2, cache.slots, k.to(cache.k.dtype))
-                cache.v[layer].index_copy_(2, cache.slots, v.to(cache.v.dtype))
-            else:  # a slice copy is cheaper on CPU
-                cache.k[layer, :, :, cache.window - T : cache.window] = k
-                cache.v[layer, :, :, cache.window - T : cache.window] = v
-            k, v = (
-                cache.k[layer, :, :, : cache.window],
-                cache.v[layer, :, :, : cache.window],
-            )  # (B, nh, window, hs)
+        hs = C // self.n_head
+        # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # the keys and values of every slot the queries see
         drop = self.dropout if self.training else 0.0
         # mask None: plain causal self-attention (training); else an explicit (B, 1, Tq, Tk) mask,
-        # because SDPA's is_causal aligns the triangle top-left when Tq != Tk (a cached step is wrong)
+        # because SDPA's is_causal aligns the triangle top-left when Tq != Tk (a cached step is
+        # wrong)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=drop, is_causal=mask is None
         )
@@ -183,6 +110,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# --- the model: forward and generate --------------------------------------------------------
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -202,6 +132,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.static_decode = None  # generate's decode step, when compiled: see compile_decode
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -212,39 +143,68 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def forward(
-        self,
-        idx,
-        targets=None,
-        attn_mask=None,
-        positions=None,
-        kv_cache=None,
-        return_hidden=False,
-        head=True,
-    ):
-        """idx (B, T) token ids. attn_mask (B, T) bool, True = real token (False = padding).
-        positions (B, T) position ids; by default each row counts its own real tokens, so a
-        left-padded row gets exactly the positions it would have alone. targets (B, T) with -1
-        = ignored, already shifted by the caller (logits[:, t] predicts targets[:, t]).
-        Returns full-sequence logits (B, T, V), the loss, and with return_hidden the residual
-        stream: [embeddings, after block 1, ..., after block L] (the last one before ln_f).
-        head=False returns the final hidden states (B, T, C), after ln_f, in place of the logits."""
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95)):
+        """AdamW with weight decay on 2-D weights (matrices, embeddings), none on biases and
+        gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(self.parameters()).is_cuda)
+
+    def forward(self, idx, targets=None, attn_mask=None, positions=None, kv_cache=None, head=True):
+        """idx (B, T) token ids; targets (B, T) already shifted by the caller (logits[:, t] predicts
+        targets[:, t]), -1 = ignored. Returns (logits (B, T, V), loss), the loss None without
+        targets. The other arguments are those of embed (padding, positions, a KV cache).
+        head=False leaves the head to the caller and returns (the final hidden states (B, T, C),
+        after ln_f, None): token_logprobs meets the head on the scored positions only, generate on
+        the last one. They call forward, not a method of their own, so that DDP and torch.compile
+        see every use of the weights."""
+        x, mask = self.embed(idx, attn_mask, positions, kv_cache)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask, kv_cache, layer)
+        # fp32 under bf16 autocast: bf16 rounds GPT-2's logits (tens) to steps of 0.25
+        with torch.autocast(idx.device.type, enabled=False):
+            x = self.transformer.ln_f(x.float())
+            if not head:
+                return x, None
+            logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        flat = logits.view(-1, logits.size(-1))  # fp32 already
+        return logits, F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
+
+    def residual_stream(self, idx, attn_mask=None, positions=None):
+        """What the linear probes read: the residual stream, a list of n_layer + 1 tensors
+        (B, T, C), [embeddings, after block 1, ..., after block L] (the last one before ln_f). The
+        inputs are forward's; the head never runs."""
+        x, mask = self.embed(idx, attn_mask, positions, None)
+        stream = [x]
+        for layer, block in enumerate(self.transformer.h):
+            stream.append(block(stream[-1], mask, None, layer))
+        return stream
+
+    def embed(self, idx, attn_mask, positions, kv_cache):
+        """The first block's input, token + position embeddings (B, T, C), and the attention mask.
+        attn_mask (B, T) bool, True = real token (False = padding). positions (B, T) position ids;
+        by default each row counts its own real tokens, so a left-padded row gets exactly the
+        positions it would have alone. kv_cache: the forward continues what the cache holds and
+        writes its keys and values there (generate's prefill). The mask is None on the fast path
+        (training: every token real, no cache), plain causal attention; else (B, 1, T, Tk)."""
         B, T = idx.size()
-        mask = None  # the fast path (training): every token is real, plain causal attention
+        mask = None
         if attn_mask is not None or kv_cache is not None:
-            real = (
-                torch.ones(B, T, dtype=torch.bool, device=idx.device)
-                if attn_mask is None
-                else attn_mask
-            )
+            real = attn_mask
+            if real is None:
+                real = torch.ones(B, T, dtype=torch.bool, device=idx.device)
             if positions is None:
                 past = 0 if kv_cache is None else kv_cache.n_real[:, None]
                 positions = (past + real.long().cumsum(1) - 1).clamp(min=0)
-            keys, q_slots = (
-                (real, torch.arange(T, device=idx.device))
-                if kv_cache is None
-                else kv_cache.add(real)
-            )
+            if kv_cache is None:
+                keys, q_slots = real, torch.arange(T, device=idx.device)
+            else:
+                keys, q_slots = kv_cache.add(real)
             mask = attention_mask(keys, q_slots)
         elif positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
@@ -253,87 +213,8 @@ class GPT(nn.Module):
                 f"position {int(positions.max())} is past block_size {self.config.block_size}: "
                 "shorten the input"
             )
-        x = self.transformer.drop(
-            self.transformer.wte(idx) + self.transformer.wpe(positions)
-        )  # (B, T, C)
-        hidden = [x] if return_hidden else None
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, mask, kv_cache, layer)
-            if return_hidden:
-                hidden.append(x)
-        with torch.autocast(
-            idx.device.type, enabled=False
-        ):  # fp32 under bf16 autocast: bf16 rounds GPT-2's
-            x = self.transformer.ln_f(x.float())  # logits (tens) to steps of 0.25
-            logits = (
-                self.lm_head(x) if head else x
-            )  # (B, T, V), or the final hidden states (B, T, C)
-        loss = (
-            None
-            if targets is None or not head
-            else F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
-        )  # logits are fp32 already
-        return (logits, loss, hidden) if return_hidden else (logits, loss)
-
-    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95)):
-        """AdamW with weight decay on 2-D weights (matrices, embeddings), none on biases and gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=next(self.parameters()).is_cuda)
-
-    def decode(self, idx, real, cache):
-        """One token per row into the cache's next slot: idx (N,) ids, real (N,) bool (False: the filler
-        of a finished row) -> the final hidden states (N, C), after ln_f. Compiled (cache.static), every
-        tensor has the same shape at every step (the query attends over all max_len slots through the
-        mask, and the slot is a tensor), so the step is captured once: see compile_decode."""
-        cache.slots = slot = cache.filled  # (1,)
-        # eager attends over the filled slots only (a dialogue's cache is up to twice that); a captured
-        # step over all of them, its shapes fixed
-        cache.window = None if cache.static else cache.length + 1
-        positions = (cache.n_real + real - 1).clamp(
-            min=0
-        )  # a real token's position: the real tokens before it
-        cache.valid.index_fill_(
-            1, slot, True
-        )  # the query sees itself: a pad query must see some key
-        x = (self.transformer.wte(idx) + self.transformer.wpe(positions))[:, None]  # (N, 1, C)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(
-                x, cache.valid[:, None, None, : cache.window], cache, layer
-            )  # mask (N, 1, 1, window)
-        cache.valid.index_copy_(1, slot, real[:, None])  # a filler stays invisible to later queries
-        cache.n_real += real
-        cache.filled += 1
-        with torch.autocast(idx.device.type, enabled=False):
-            return self.transformer.ln_f(x[:, 0].float())
-
-    def compile_decode(self):
-        """Compile the decode step at its first call (on CUDA with CUDA graphs: one replay per token in
-        place of ~20 kernel launches per layer). Where that fails (no C++ compiler, no Triton) the
-        step stays eager, with one note: eager is correct, only slower."""
-
-        def first_call(*args):
-            try:
-                compiled = torch.compile(
-                    self.decode, mode="reduce-overhead" if args[0].is_cuda else None, fullgraph=True
-                )
-                out = compiled(*args)
-            except (
-                Exception
-            ) as e:  # compilation happens before the step runs: the cache is untouched
-                print(
-                    f"note: torch.compile failed here ({type(e).__name__}: {str(e)[:80]}); decoding stays eager"
-                )
-                compiled, out = self.decode, self.decode(*args)
-            self.decode_step = compiled
-            return out
-
-        self.decode_step = first_call
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        return self.transformer.drop(x), mask
 
     @torch.inference_mode()
     def generate(
@@ -348,14 +229,13 @@ class GPT(nn.Module):
         eot=None,
         kv_cache=None,
     ):
-        """Sample num_samples continuations of each prompt (token-id lists, any lengths; temperature 0
-        is greedy). Prompts are left-padded and prefilled once, then the cache is copied per sample.
-        A row stops at eot or when it ends with one of stop_ids; an empty prompt generates nothing.
-        With kv_cache (one row per prompt, num_samples 1) the prompts continue what the cache holds
-        and the cache keeps prompts and samples: a multi-turn dialogue without prefilling it again.
-        Returns (tokens, mask), (len(prompts) * num_samples, T_new), prompt-major: new tokens
-        right-padded with eot; mask True on every generated token up to the one that stopped the row.
-        The cache is sized for the whole call first, so every decode step has the same shapes."""
+        """Sample num_samples continuations of each prompt (token-id lists, any lengths;
+        temperature 0 is greedy). A row stops at eot or when it ends with one of stop_ids; an empty
+        prompt generates nothing. With kv_cache (one row per prompt, num_samples 1) the prompts
+        continue what the cache holds and the cache keeps prompts and samples: a multi-turn
+        dialogue without prefilling it again. Returns (tokens, mask), (len(prompts) * num_samples,
+        T_new), prompt-major: new tokens right-padded with eot; mask True on every generated token
+        up to the one that stopped the row."""
         device = self.transformer.wte.weight.device
         eot = self.config.vocab_size - 1 if eot is None else eot
         lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -374,44 +254,38 @@ class GPT(nn.Module):
         self.eval()
         gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         B, N = len(prompts), len(prompts) * num_samples
+
+        # 1. prefill: the prompts, left-padded, in one forward; the cache is sized for the whole
+        # call first, so that no decode step reallocates it; then one copy of it per sample
         idx = torch.full((B, longest), eot, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             idx[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
         real = torch.arange(longest, device=device)[None, :] >= (longest - lengths)[:, None]
-        cache = kv_cache or KVCache(
-            self.config, B, longest + max_new_tokens, device, self.transformer.wte.weight.dtype
-        )
-        cache.reserve(
-            longest + max_new_tokens
-        )  # the most this call writes: its decode steps never reallocate
-        hidden, _ = self(
-            idx, attn_mask=real, kv_cache=cache, head=False
-        )  # the head on the last position only
-        h = hidden[:, -1].repeat_interleave(num_samples, dim=0)  # (N, C)
+        dtype = self.transformer.wte.weight.dtype
+        cache = kv_cache or KVCache(self.config, B, longest + max_new_tokens, device, dtype)
+        cache.reserve(longest + max_new_tokens)
+        hidden, _ = self(idx, attn_mask=real, kv_cache=cache, head=False)
+        h = hidden[:, -1].repeat_interleave(num_samples, dim=0)  # (N, C): the head meets it below
         if num_samples > 1:
             cache.repeat_interleave(num_samples)
-        cache.static = getattr(self, "decode_step", self.decode) != self.decode
-        if (
-            cache.static
-        ):  # a captured step reads every slot (masked: 0 x garbage could be NaN) at fixed addresses
-            cache.k[:, :, :, cache.length :] = 0
-            cache.v[:, :, :, cache.length :] = 0
-            for t in (cache.k, cache.v, cache.valid, cache.n_real, cache.filled):
-                torch._dynamo.mark_static_address(t)
+
+        # 2. decode: draw one token per row, stop the rows that are done, feed the tokens back
+        step = self.decode if self.static_decode is None else self.static_decode.start(cache)
         stops = [torch.tensor(s, device=device) for s in (stop_ids or [])]
         out = torch.full((N, max_new_tokens), eot, dtype=torch.long, device=device)
         mask = torch.zeros(N, max_new_tokens, dtype=torch.bool, device=device)
         done = (lengths == 0).repeat_interleave(num_samples)
         for t in range(max_new_tokens):
             # a finished row skips the head and the draw (the head is most of a step at GPT-2's
-            # vocabulary); every row's uniform is drawn, so the stream does not depend on who finished
+            # vocabulary); every row's uniform is drawn, so the stream does not depend on who
+            # finished
             u = None if temperature == 0 else torch.rand(N, 1, generator=gen, device=device)
             live = (~done).nonzero().squeeze(1)
             nxt = torch.full((N,), eot, dtype=torch.long, device=device)
-            with torch.autocast(
-                device.type, enabled=False
-            ):  # fp32 logits, as scoring has: the policy that
-                logits = self.lm_head(h[live])  # samples is the one scored (README, "On a GPU")
+            # fp32 logits, as scoring has: the policy that samples is the one scored
+            # (README, "On a GPU")
+            with torch.autocast(device.type, enabled=False):
+                logits = self.lm_head(h[live])
             nxt[live] = sample_next(logits, temperature, top_k, None if u is None else u[live])
             out[:, t], mask[:, t] = nxt, ~done
             was_done, done = done, done | (nxt == eot)
@@ -421,12 +295,45 @@ class GPT(nn.Module):
             if (bool(done.all()) or t == max_new_tokens - 1) and kv_cache is None:
                 break  # nobody will read the cache: the last tokens need not go through the model
             # the token that stopped a row is context for a later turn; filler after it is not
-            h = getattr(self, "decode_step", self.decode)(nxt, ~was_done, cache)
+            h = step(nxt, ~was_done, cache)
             if bool(done.all()):
                 break
         self.train(was_training)
         T_new = int(mask.sum(1).max())
         return out[:, :T_new], mask[:, :T_new]
+
+    def decode(self, idx, real, cache, every_slot=False):
+        """One token per row into the cache's next slot: idx (N,) ids, real (N,) bool (False: the
+        filler of a finished row) -> the final hidden states (N, C), after ln_f. The query attends
+        over the filled slots (a dialogue's cache is up to twice that); every_slot, the compiled
+        step's (StaticDecode), over all of them through the mask, so that every tensor has the same
+        shape at every step."""
+        cache.slots = slot = cache.filled  # (1,)
+        cache.window = None if every_slot else cache.length + 1
+        # a real token's position: the real tokens before it
+        positions = (cache.n_real + real - 1).clamp(min=0)
+        cache.valid.index_fill_(1, slot, True)  # the query sees itself: a pad query must see a key
+        x = (self.transformer.wte(idx) + self.transformer.wpe(positions))[:, None]  # (N, 1, C)
+        mask = cache.valid[:, None, None, : cache.window]  # (N, 1, 1, window)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, layer)
+        cache.valid.index_copy_(1, slot, real[:, None])  # a filler stays invisible to later queries
+        cache.n_real += real
+        cache.filled += 1
+        with torch.autocast(idx.device.type, enabled=False):
+            return self.transformer.ln_f(x[:, 0].float())
+
+    def compile_decode(self):
+        """Have generate decode through a compiled step (StaticDecode): on CUDA it is captured as a
+        CUDA graph. On CPU the step stays eager, with one note: there the fixed-shape step, which
+        attends over every slot, made an RL step of the default preset 3.4x slower (measured)."""
+        if self.transformer.wte.weight.device.type == "cpu":
+            print(
+                "note: the decode step stays eager on CPU (compiled, at fixed shapes, it attends "
+                "over every slot of the cache and was measured slower)"
+            )
+            return
+        self.static_decode = StaticDecode(self)
 
     # --- GPT-2 weights -------------------------------------------------------------------------
 
@@ -458,6 +365,118 @@ class GPT(nn.Module):
         return model
 
 
+class KVCache:
+    """Keys/values of every layer for a batch, preallocated to max_len slots and written in place.
+    `valid` marks the real (non-pad) slots, `n_real` counts each row's real tokens (its next
+    position id), `filled` the slots written so far (a tensor, so that a captured step can advance
+    it). A forward writes `slots` and attends over the first `window` slots."""
+
+    def __init__(self, config, batch, max_len, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch, config.n_head, max_len, hs)
+        device_type = torch.device(device).type
+        if torch.is_autocast_enabled(device_type):  # keys and values in bf16: half the memory
+            dtype = torch.get_autocast_dtype(device_type)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
+        self.filled = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = None  # the slots the running forward writes, (T,)
+        self.window = None  # the leading slots it attends over; None: all max_len (StaticDecode)
+
+    @property
+    def length(self):
+        return int(self.filled)
+
+    def reserve(self, n):
+        """Room for n more slots, by doubling: a dialogue's later turns outgrow the first guess."""
+        need, have = self.length + n, self.k.size(3)
+        if need > have:
+            grow = max(need, 2 * have) - have
+            pad = lambda t: torch.cat([t, t.new_empty(*t.shape[:3], grow, t.size(4))], dim=3)
+            self.k, self.v = pad(self.k), pad(self.v)
+            self.valid = torch.cat(
+                [self.valid, self.valid.new_zeros(self.valid.size(0), grow)], dim=1
+            )
+
+    def add(self, real):
+        """Mark the next T slots' real tokens, (B, T) bool, and point the layers at them. Returns
+        the real-key mask of the slots so far, (B, start + T), and the new slots, (T,)."""
+        start, T = self.length, real.size(1)
+        if start + T > self.k.size(3):
+            raise ValueError(
+                f"KV cache of {self.k.size(3)} slots cannot take {start + T}: allocate more"
+            )
+        self.slots = torch.arange(start, start + T, device=real.device)
+        self.valid[:, start : start + T] = real
+        self.n_real += real.sum(1)
+        self.filled += T
+        self.window = start + T
+        return self.valid[:, : start + T], self.slots
+
+    def write(self, layer, k, v):
+        """Store one layer's keys and values of the running forward, (B, nh, T, hs), in its slots;
+        returns the layer's keys and values over the window, (B, nh, window, hs)."""
+        if self.window is None:  # StaticDecode's step: its slot is a tensor
+            self.k[layer].index_copy_(2, self.slots, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, self.slots, v.to(self.v.dtype))
+        else:  # a slice copy is cheaper on CPU
+            T = k.size(2)
+            self.k[layer, :, :, self.window - T : self.window] = k
+            self.v[layer, :, :, self.window - T : self.window] = v
+        return self.k[layer, :, :, : self.window], self.v[layer, :, :, : self.window]
+
+    def repeat_interleave(self, n):
+        """Prefill once, then give each of the n samples of a prompt its own copy."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        self.valid = self.valid.repeat_interleave(n, dim=0)
+        self.n_real = self.n_real.repeat_interleave(n, dim=0)
+
+
+# --- the compiled decode step (GPT.compile_decode) -------------------------------------------
+
+
+class StaticDecode:
+    """generate's decode step at fixed shapes, compiled at its first call: on CUDA captured as a
+    CUDA graph, one replay per token in place of ~20 kernel launches per layer. A replay runs the
+    same kernels on the same addresses, so the step attends over every slot of the cache (the mask
+    hides the empty ones), writes its slot through a tensor index, and the cache's tensors are
+    marked static. Where compiling fails (no C++ compiler, no Triton) the step stays eager, with
+    one note: eager is correct, only slower."""
+
+    def __init__(self, model):
+        self.model = model
+        self.step = None  # compiled at the first call
+
+    def start(self, cache):
+        """Ready a prefilled cache for the step; returns the step."""
+        # the step reads every slot (masked, but 0 x garbage could be NaN) at fixed addresses
+        cache.k[:, :, :, cache.length :] = 0
+        cache.v[:, :, :, cache.length :] = 0
+        for t in (cache.k, cache.v, cache.valid, cache.n_real, cache.filled):
+            torch._dynamo.mark_static_address(t)
+        return self
+
+    def every_slot(self, idx, real, cache):
+        return self.model.decode(idx, real, cache, every_slot=True)
+
+    def __call__(self, idx, real, cache):
+        if self.step is not None:
+            return self.step(idx, real, cache)
+        mode = "reduce-overhead" if idx.is_cuda else None  # reduce-overhead: CUDA graphs
+        try:
+            self.step = torch.compile(self.every_slot, mode=mode, fullgraph=True)
+            return self.step(idx, real, cache)
+        except Exception as e:  # compiling happens before the step runs: the cache is untouched
+            print(
+                f"note: torch.compile failed here ({type(e).__name__}: {str(e)[:80]}); "
+                "decoding stays eager"
+            )
+            self.step = self.model.decode
+            return self.step(idx, real, cache)
+
+
 # --- sampling and log-prob helpers -----------------------------------------------------------
 
 
@@ -473,11 +492,8 @@ def sample_next(logits, temperature, top_k, u):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     cdf = logits.softmax(-1).cumsum(-1)
     # right=True: token i is drawn when cdf[i-1] <= u < cdf[i], never when its probability is 0
-    return (
-        torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-        .squeeze(1)
-        .clamp(max=logits.size(-1) - 1)
-    )
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return drawn.clamp(max=logits.size(-1) - 1)
 
 
 def pad_rows(rows, device, fill=0):
@@ -491,16 +507,17 @@ def pad_rows(rows, device, fill=0):
 
 def token_logprobs(model, idx, targets, temperature=1.0, entropy=False):
     """log p(targets[b, t] | idx[b, :t+1]) in fp32, (B, T), 0 where targets is -1 (shifted by the
-    caller: the logits at t score token t+1), and with entropy the policy's entropy there (else None).
-    Only the targeted positions meet the head, a chunk at a time (logprobs.py): no (B, T, V) logits.
-    Logits are divided by the sampling temperature (0, greedy: by 1): the scored policy is the one
-    that sampled. Right padding needs no mask (causal)."""
+    caller: the logits at t score token t+1), and with entropy the policy's entropy there (else
+    None). Only the targeted positions meet the head, a chunk at a time (logprobs.py): no (B, T, V)
+    logits. Logits are divided by the sampling temperature (0, greedy: by 1): the scored policy is
+    the one that sampled. Right padding needs no mask (causal)."""
     hidden, _ = model(idx, head=False)  # through forward, so DDP sees every use of the weights
     keep, weight = targets != -1, getattr(model, "module", model).lm_head.weight
     lp, ent = TargetLogprobs.apply(hidden[keep], weight, targets[keep], temperature or 1.0, entropy)
-    scatter = lambda values: torch.zeros(targets.shape, device=idx.device).masked_scatter(
-        keep, values
-    )
+
+    def scatter(values):  # back to (B, T), 0 where nothing is scored
+        return torch.zeros(targets.shape, device=idx.device).masked_scatter(keep, values)
+
     return scatter(lp), scatter(ent) if entropy else None
 
 
@@ -602,9 +619,8 @@ def main(argv):
     print(
         f"loaded {cfg.init} ({source}): {model.num_params() / 1e6:.2f}M parameters, {model.config}"
     )
-    text = cfg.prompt.replace(
-        "\\n", "\n"
-    )  # "\n" typed on the command line; any other text stays as typed
+    # "\n" typed on the command line; any other text stays as typed
+    text = cfg.prompt.replace("\\n", "\n")
     tokens, mask = model.generate(
         [tok.encode(text)],
         cfg.max_new_tokens,

@@ -208,10 +208,7 @@ def collect_hidden(model, seqs, rows, batch_size, device):
         by_seq.setdefault(s, []).append((r, t))
     for start in tqdm(range(0, len(seqs), batch_size), desc="activations", leave=False):
         batch = seqs[start : start + batch_size]
-        _, _, hidden = model(
-            pad_rows(batch, device), return_hidden=True, head=False
-        )  # no (B, T, V) logits
-        hidden = torch.stack(hidden)  # (L+1, B, T, C)
+        hidden = torch.stack(model.residual_stream(pad_rows(batch, device)))  # (L+1, B, T, C)
         picks = [(r, b, t) for b in range(len(batch)) for r, t in by_seq.get(start + b, [])]
         if picks:
             r, b, t = (torch.tensor(x) for x in zip(*picks))

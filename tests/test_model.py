@@ -203,10 +203,12 @@ def left_pad(prompts, pad=0):
 def test_left_padded_forward_equals_rows_alone(gpt):
     prompts = prompts_of([3, 9, 6])
     idx, real = left_pad(prompts, pad=7)
-    logits, _, hidden = gpt(idx, attn_mask=real, return_hidden=True)
+    logits, _ = gpt(idx, attn_mask=real)
+    hidden = gpt.residual_stream(idx, attn_mask=real)
     assert torch.isfinite(logits).all()  # pad queries too (SDPA gives NaN for a row with no key)
     for i, p in enumerate(prompts):
-        alone, _, alone_hidden = gpt(torch.tensor([p]), return_hidden=True)
+        alone, _ = gpt(torch.tensor([p]))
+        alone_hidden = gpt.residual_stream(torch.tensor([p]))
         torch.testing.assert_close(logits[i, real[i]], alone[0], atol=1e-5, rtol=1e-5)
         # hidden[0] = wte + wpe: equal only if the default positions of the padded row are 0..n-1
         torch.testing.assert_close(hidden[0][i, real[i]], alone_hidden[0][0], atol=0, rtol=0)
@@ -216,16 +218,17 @@ def test_left_padded_forward_equals_rows_alone(gpt):
 def test_explicit_positions_override_default(gpt):
     idx = torch.tensor([prompts_of([6])[0]])
     shifted = torch.arange(3, 9)[None]
-    h0 = gpt(idx, positions=shifted, return_hidden=True)[2][0]
+    h0 = gpt.residual_stream(idx, positions=shifted)[0]
     torch.testing.assert_close(
         h0, gpt.transformer.wte(idx) + gpt.transformer.wpe(shifted), atol=0, rtol=0
     )
 
 
 @torch.no_grad()
-def test_return_hidden(gpt):
+def test_residual_stream_and_final_hidden_states(gpt):
     idx = torch.tensor(prompts_of([2, 2])).view(2, 2).repeat(1, 4)  # (2, 8)
-    logits, loss, hidden = gpt(idx, return_hidden=True)
+    logits, loss = gpt(idx)
+    hidden = gpt.residual_stream(idx)
     assert loss is None and len(hidden) == gpt.config.n_layer + 1
     assert all(h.shape == (2, 8, 32) for h in hidden)
     tr = gpt.transformer
@@ -235,7 +238,9 @@ def test_return_hidden(gpt):
             hidden[layer + 1], block(hidden[layer], None, None, layer), atol=1e-6, rtol=0
         )
     torch.testing.assert_close(gpt.lm_head(tr.ln_f(hidden[-1])), logits, atol=0, rtol=0)
-    torch.testing.assert_close(gpt(idx, head=False)[0], tr.ln_f(hidden[-1]), atol=0, rtol=0)
+    final, nothing = gpt(idx, head=False)
+    assert nothing is None
+    torch.testing.assert_close(final, tr.ln_f(hidden[-1]), atol=0, rtol=0)
 
 
 def test_loss_ignores_minus_one(gpt):
@@ -415,14 +420,14 @@ def test_sampled_dialogue_equals_uncached(gpt):
 
 
 def test_decode_steps_keep_their_shapes_and_storage(gpt, monkeypatch):
-    """Within one call every decode step writes the same cache storage in place and advances the slot
-    by one. Eager steps attend over the filled slots only; a compiled step (static: what a captured
+    """Within one call every decode step writes the same cache storage in place and advances the
+    slot by one. Eager steps attend over the filled slots only; StaticDecode's step (what a captured
     CUDA graph replays) over all of them, with the same shapes at every step and the same tokens."""
     seen, real = [], M.GPT.decode
 
-    def spy(self, idx, real_tokens, cache):
+    def spy(self, idx, real_tokens, cache, every_slot=False):
         slot = int(cache.filled)
-        h = real(self, idx, real_tokens, cache)
+        h = real(self, idx, real_tokens, cache, every_slot)
         seen.append((tuple(idx.shape), tuple(cache.k.shape), cache.k.data_ptr(), cache.window))
         assert int(cache.filled) == slot + 1
         return h
@@ -430,22 +435,22 @@ def test_decode_steps_keep_their_shapes_and_storage(gpt, monkeypatch):
     monkeypatch.setattr(M.GPT, "decode", spy)
     prompts, eot = prompts_of([3, 9]), unused_token([], 100)
     eager = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=0, eot=eot)
-    assert len(seen) == 9 and [w for *_, w in seen] == list(
-        range(10, 19)
-    )  # 9 prompt slots, then one per step
+    # 9 prompt slots, then one per step
+    assert len(seen) == 9 and [w for *_, w in seen] == list(range(10, 19))
     assert len({s[:3] for s in seen}) == 1  # the 10th token never goes through the model
     seen.clear()
-    gpt.decode_step = lambda *args: M.GPT.decode(gpt, *args)  # stands in for the compiled step
+    gpt.static_decode = M.StaticDecode(gpt)
+    gpt.static_decode.step = gpt.static_decode.every_slot  # stands in for the compiled step
     try:
         static = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=0, eot=eot)
     finally:
-        del gpt.decode_step
+        gpt.static_decode = None
     assert len(seen) == 9 and len(set(seen)) == 1 and seen[0][3] is None  # every slot, fixed shapes
     assert torch.equal(static[0], eager[0]) and torch.equal(static[1], eager[1])
 
 
 def test_compiled_decode_traces_one_graph_and_matches_eager(gpt, monkeypatch, capsys):
-    """compile_decode: the step traces as one graph (fullgraph; dynamo with its eager backend here,
+    """StaticDecode: the step traces as one graph (fullgraph; dynamo with its eager backend here,
     inductor takes a minute on CPU) and samples the eager tokens; without torch.compile the step
     stays eager, with one note."""
     prompts = prompts_of([4, 11, 7])
@@ -456,7 +461,7 @@ def test_compiled_decode_traces_one_graph_and_matches_eager(gpt, monkeypatch, ca
         "compile",
         lambda fn, mode=None, fullgraph=False: real(fn, backend="eager", fullgraph=fullgraph),
     )
-    gpt.compile_decode()
+    gpt.static_decode = M.StaticDecode(gpt)
     try:
         got = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=3)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -465,12 +470,21 @@ def test_compiled_decode_traces_one_graph_and_matches_eager(gpt, monkeypatch, ca
             raise RuntimeError("no compiler")
 
         monkeypatch.setattr(torch, "compile", unavailable)
-        gpt.compile_decode()
+        gpt.static_decode = M.StaticDecode(gpt)
         got = gpt.generate(prompts, 10, num_samples=2, temperature=1.0, seed=3)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        assert gpt.decode_step == gpt.decode and "decoding stays eager" in capsys.readouterr().out
+        assert gpt.static_decode.step == gpt.decode
+        assert "decoding stays eager" in capsys.readouterr().out
     finally:
-        del gpt.decode_step
+        gpt.static_decode = None
+
+
+def test_compile_decode_leaves_the_cpu_step_eager(gpt, monkeypatch, capsys):
+    """On CPU the compiled step, which attends over every slot, was measured slower than eager:
+    compile_decode leaves generate on the eager step, says so, and compiles nothing."""
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("compiled"))
+    gpt.compile_decode()
+    assert gpt.static_decode is None and "stays eager on CPU" in capsys.readouterr().out
 
 
 def test_sampling_logits_stay_fp32_under_bf16_autocast(gpt, monkeypatch):

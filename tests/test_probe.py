@@ -173,7 +173,7 @@ def test_padded_batch_reads_what_each_row_computes_alone(hand_made):
     # and each row alone, computed without probe.py, at its own token
     with torch.no_grad():
         s, t = rows[-1]
-        _, _, hidden = model(torch.tensor([seqs[s]]), return_hidden=True)
+        hidden = model.residual_stream(torch.tensor([seqs[s]]))
     torch.testing.assert_close(batched[:, -1], torch.stack(hidden)[:, 0, t], rtol=1e-5, atol=1e-5)
 
 
@@ -379,7 +379,7 @@ def test_edit_lands_on_each_rows_token_inside_generate(hand_made):
         assert diff[b].nonzero().flatten().tolist() == [pos]
         torch.testing.assert_close(edited[b, pos] - plain[b, pos], delta[b])
         with torch.no_grad():
-            _, _, hidden = model(torch.tensor([c["prompt"]]), return_hidden=True)
+            hidden = model.residual_stream(torch.tensor([c["prompt"]]))
         torch.testing.assert_close(
             plain[b, pos], hidden[layer][0, c["token"]], rtol=1e-4, atol=1e-4
         )
