@@ -441,6 +441,12 @@ def group_advantages(rewards, scale_rewards="group", eps=1e-4):
     return centred
 
 
+def reward_scale(cfg):
+    """REINFORCE's baseline is the group mean alone; GRPO and EXGRPO also divide by the group's
+    std unless scale_rewards=none."""
+    return "none" if cfg.algo == "reinforce" else cfg.scale_rewards
+
+
 @dataclass
 class Advantages:
     """EXGRPO's rewards and advantages for Q questions of G rollouts per scenario."""
@@ -502,6 +508,7 @@ class RolloutBatch:
     fired: torch.Tensor = None  # (Q,) where the bonus fired
     adv_bonus_share: float = None  # dsu_share (None without the bonus)
     lens: list = None  # per Scenario A row: the tokens the student wrote
+    rollouts: Rollouts = None  # every sampled row, Scenario A's then B's (scripts/show_rl_step.py)
 
 
 def aux_rows(tok, records, dialogues):
@@ -534,7 +541,7 @@ def rollout_batch(model, tok, records, cfg, rng, device):
     n_a = len(scenario_a)
     correct_full = outcome_rewards(records, rollouts.final[:n_a], G, device)
     correct_partial = outcome_rewards(records if exgrpo else [], rollouts.final[n_a:], G, device)
-    scale = "none" if cfg.algo == "reinforce" else cfg.scale_rewards
+    scale = reward_scale(cfg)
     if exgrpo:
         u = scenario_advantages(correct_full, correct_partial, cfg, scale)
         share = None
@@ -564,6 +571,7 @@ def rollout_batch(model, tok, records, cfg, rng, device):
         fired=u.fired,
         adv_bonus_share=share,
         lens=[sum(w != CONTEXT for w in ws) for ws in rollouts.writer[:n_a]],
+        rollouts=rollouts,
     )
 
 

@@ -73,4 +73,10 @@ stamp "evaluate (linear probes alongside, log: probe.log in each run folder)"
 python evaluate.py --runs=$runs --out_dir=$out --threads=1 $( [ -n "$quick" ] && echo "--max_problems=8" || echo "--max_problems=60" )
 for p in $probes; do wait $p || { echo "run.sh: probe.py failed, see probe.log" >&2; exit 1; }; done
 python evaluate.py --runs=$runs --out_dir=$out --reuse=True $( [ -n "$quick" ] && echo "--max_problems=8" || echo "--max_problems=60" ) > /dev/null
+# one RL step of EXGRPO seen up close (the last seed's EI-SFT student): both scenarios' dialogues,
+# rewards, P_full and P_partial, the DSU bonus and the advantages with and without it
+{ echo; echo "## One EXGRPO step, seen up close (scripts/show_rl_step.py, seed $seed)"; echo
+  echo '```'
+  python scripts/show_rl_step.py $configs --out_dir=$run --init=$sft --seed=$seed --questions=1 --rollouts=2
+  echo '```'; } >> $out/report/report.md
 stamp "done: $out/report/report.md"

@@ -31,3 +31,5 @@ def test_run_sh_quick(tmp_path):
     for split in ("test_id", "ood_long", "ood_reverse", "ood_names"):
         assert split in report
     assert (out / "probe" / "probe_coin_state_event.png").stat().st_size > 0
+    # one EXGRPO step up close (scripts/show_rl_step.py)
+    assert "## One EXGRPO step, seen up close" in report and "Scenario A (full dialogue)" in report
