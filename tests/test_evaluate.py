@@ -5,10 +5,11 @@ inputs stop with one sentence."""
 
 import json
 import os
+import re
 import shutil
+from dataclasses import replace
 
 import matplotlib.image
-import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ import evaluate
 from model import GPT, PRESETS, GPTConfig, save_checkpoint
 from tasks import prompt_ids, response_ids
 from tokenizer import CompactTokenizer
+from training import read_log
 
 SPLITS = ["test_id", "ood_long", "ood_reverse", "ood_names"]
 GOLD = {"coin": ("no", "yes"), "arith": ("5", "6")}  # (gold answer, a wrong one)
@@ -109,6 +111,30 @@ def nano_checkpoint(path, tok, config, model=None):
     save_checkpoint(path, model, tok, step=7, extra={"stage": config["stage"], "config": config})
 
 
+def scored(run, name, config, right=""):
+    """An evaluate.Entry of one coin problem per character of `right` ("1" = answered right) on
+    test_id, without probes."""
+    correct = {"test_id": right} if right else {}
+    acc = {"test_id": {"coin": [right.count("1"), len(right)]}} if right else {}
+    return evaluate.Entry(
+        run=run,
+        path=os.path.join(run, "ckpt", f"{name}.pt"),
+        step=0,
+        config=config,
+        acc=acc,
+        probes={},
+        correct=correct,
+        stamp=[],
+        name=name,
+    )
+
+
+def assert_drawn(path):
+    """A drawn figure, not a blank one."""
+    image = matplotlib.image.imread(str(path))
+    assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0, path
+
+
 @pytest.fixture
 def stub_runs(tmp_path, monkeypatch):
     """Run folders s1 (three checkpoints) and s2 (sft_qa only) with logs; the student's answers
@@ -164,14 +190,10 @@ def stub_runs(tmp_path, monkeypatch):
         return real_load(path, device)
 
     def answers(model, tok, questions, max_new_tokens, batch_size):
-        run, name = (
-            os.path.basename(os.path.dirname(os.path.dirname(loaded[-1]))),
-            os.path.basename(loaded[-1])[:-3],
-        )
-        return [
-            f"Because. The answer is {GOLD[items[q][1]][0 if items[q][0] in RIGHT[run, name] else 1]}."
-            for q in questions
-        ]
+        run = os.path.basename(os.path.dirname(os.path.dirname(loaded[-1])))
+        right = RIGHT[run, os.path.basename(loaded[-1])[:-3]]
+        gold_or_wrong = lambda q: GOLD[items[q][1]][0 if items[q][0] in right else 1]
+        return [f"Because. The answer is {gold_or_wrong(q)}." for q in questions]
 
     monkeypatch.setattr(evaluate, "load_model", load)
     monkeypatch.setattr(evaluate, "greedy_answers", answers)
@@ -193,16 +215,23 @@ def run_main(tmp_path, *extra):
     return report, json.load(open(tmp_path / "all" / "report" / "results.json"))
 
 
-def cells(report, section, first):
-    """The cells after `first` in the row that starts with them, in the table under "## <section>"."""
-    text = [part for part in report.split("\n## ") if part.startswith(section)][0]
+def section(report, title):
+    """The text of the section under "## <title...>"."""
+    found = [part for part in report.split("\n## ") if part.startswith(title)]
+    assert len(found) == 1, (title, report)
+    return found[0]
+
+
+def cells(report, title, first):
+    """The cells after `first` in the row that starts with them, in the table under "## <title>"."""
+    text = section(report, title)
     rows = [
         [c.strip() for c in line.strip("|").split("|")]
         for line in text.splitlines()
         if line.startswith("|")
     ]
     found = [r[len(first) :] for r in rows if r[: len(first)] == first]
-    assert len(found) == 1, (section, first, report)
+    assert len(found) == 1, (title, first, report)
     return found[0]
 
 
@@ -210,7 +239,8 @@ def test_accuracy_equals_hand_count_and_seeds_aggregate(stub_runs):
     tmp_path, _ = stub_runs
     report, results = run_main(tmp_path)
     # sft_qa, s1: test_id 3/4, ood_long 1/4, ood_reverse 0/4, ood_names 4/4 (split mean 0.5);
-    #         s2: 1/4, 2/4, 1/4, 4/4 (mean 0.5). Mean ± sample std of two values a, b: |a - b| / sqrt(2).
+    #         s2: 1/4, 2/4, 1/4, 4/4 (mean 0.5).
+    # Mean ± sample std of two values a, b: |a - b| / sqrt(2).
     split = "Accuracy per split"
     assert cells(report, split, ["vanilla SFT (sft_qa)"]) == [
         "50.0 ± 35.4",
@@ -236,7 +266,8 @@ def test_accuracy_equals_hand_count_and_seeds_aggregate(stub_runs):
         "12.5",
         "1",
     ]
-    # per world, sft_qa coin: test_id 2/2 and 1/2; ood_long 1/2, 1/2; ood_reverse 0/2, 1/2; ood_names 2/2, 2/2
+    # per world, sft_qa coin: test_id 2/2 and 1/2; ood_long 1/2, 1/2; ood_reverse 0/2, 1/2;
+    # ood_names 2/2, 2/2
     world, sft = "Accuracy per world", "vanilla SFT (sft_qa)"
     assert cells(report, world, [sft, "coin"]) == [
         "75.0 ± 35.4",
@@ -267,9 +298,8 @@ def test_accuracy_equals_hand_count_and_seeds_aggregate(stub_runs):
         "-100.0",
         "-25.0",
     ]
-    assert diff[4].endswith("*") and not diff[1].endswith(
-        "*"
-    )  # 4 of 4 worse excludes 0; 1 of 4 better does not
+    # 4 of 4 worse excludes 0; 1 of 4 better does not
+    assert diff[4].endswith("*") and not diff[1].endswith("*")
     s1 = results["checkpoints"][str(tmp_path / "s1" / "ckpt" / "sft_qa.pt")]
     assert s1["correct"]["test_id"].count("1") == 3 and len(s1["correct"]["ood_names"]) == 4
     assert s1["acc"]["test_id"] == {"coin": [2, 2], "arith": [1, 2]}
@@ -300,10 +330,7 @@ def test_report_lists_every_split_and_method_in_order_and_writes_plots(stub_runs
         "differences.png",
     ):
         assert f"]({png})" in report
-        image = matplotlib.image.imread(str(folder / png))
-        assert (
-            image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0
-        )  # a drawn figure, not blank
+        assert_drawn(folder / png)
 
 
 def test_reuse_evaluates_only_changed_checkpoints(stub_runs):
@@ -314,18 +341,15 @@ def test_reuse_evaluates_only_changed_checkpoints(stub_runs):
     os.utime(changed, (1, 1))
     second, _ = run_main(tmp_path, "--reuse=True")
     assert loaded[4:] == [str(changed)] and second == first
-    os.utime(
-        tmp_path / "s1" / "data" / "ood_names.jsonl", (1, 1)
-    )  # regenerated data: s1's checkpoints again
+    # regenerated data: s1's checkpoints again
+    os.utime(tmp_path / "s1" / "data" / "ood_names.jsonl", (1, 1))
     run_main(tmp_path, "--reuse=True")
     assert sorted(os.path.basename(p) for p in loaded[5:]) == [
         "rl_exgrpo.pt",
         "sft_qa.pt",
         "sft_qa_f25.pt",
     ]
-    run_main(
-        tmp_path, "--reuse=True", "--max_new_tokens=20"
-    )  # other settings: every checkpoint again
+    run_main(tmp_path, "--reuse=True", "--max_new_tokens=20")  # other settings: every one again
     assert len(loaded) == 12
 
 
@@ -391,9 +415,10 @@ def test_real_tiny_model_that_always_says_yes(tmp_path):
         loss.backward()
         optimizer.step()
     nano_checkpoint(str(tmp_path / "run" / "ckpt" / "sft_qa.pt"), tok, CONFIGS["sft_qa"], model)
+    # block 128
     evaluate.main(
         [f"--out_dir={tmp_path / 'run'}", "--batch_size=4", "--device=cpu", "--max_new_tokens=48"]
-    )  # block 128
+    )
     report = open(tmp_path / "run" / "report" / "report.md").read()
     # yes-golds (an even number of flips): test_id 2/3, ood_long 3/4 (flip counts 1, 2, 0, 2),
     # ood_reverse 0/2, ood_names 2/3; split mean (66.67 + 75 + 0 + 66.67) / 4 = 52.1;
@@ -441,66 +466,11 @@ def test_missing_inputs_are_one_clear_sentence(tmp_path):
         evaluate.main([f"--out_dir={tmp_path / 'run'}"])
 
 
-def test_paired_bootstrap_by_hand():
-    assert evaluate.paired_bootstrap(np.zeros((3, 5))) == (0.0, 0.0, 0.0)
-    assert evaluate.paired_bootstrap(np.ones((2, 4))) == (1.0, 1.0, 1.0)
-    d = np.array([[1, 0, 0, -1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1, -1, 0]], dtype=float)  # mean 4/16
-    mean, lo, hi = evaluate.paired_bootstrap(d)
-    assert mean == 4 / 16 and -1 < lo < mean < hi < 1
-    assert evaluate.paired_bootstrap(d) == (mean, lo, hi)  # seeded: the same interval every time
-    wide = evaluate.paired_bootstrap(d[:, :4])
-    assert wide[2] - wide[1] > hi - lo  # fewer problems, a wider interval
-
-
-def test_rise_by_hand():
-    step_up = [
-        0,
-        0,
-        1,
-        0,
-        0,
-        1,
-        1,
-        0,
-        1,
-        1,
-    ]  # 20% of 10 steps = 2: first window (0, 0), last (1, 1)
-    assert evaluate.rise([step_up]) == (0.0, 1.0, 1.0, 1.0, 1.0)
-    flat = [0.5] * 10
-    first, last, up, lo, hi = evaluate.rise([step_up, flat])
-    assert (first, last, up) == (0.25, 0.75, 0.5)
-    assert 0 <= lo < up < hi <= 1  # resampling the two run folders spreads the rise between 0 and 1
-    noisy = [
-        0,
-        1,
-        0,
-        1,
-        0,
-        1,
-        0,
-        1,
-        0,
-        1,
-        1,
-        0,
-        1,
-        0,
-        1,
-        0,
-        1,
-        0,
-        1,
-        0,
-    ]  # windows of 4: means 0.5 and 0.5
-    assert (
-        evaluate.rise([noisy])[2] == 0 and evaluate.rise([noisy])[3] < 0 < evaluate.rise([noisy])[4]
-    )
-
-
 def test_rl_diagnostics_come_from_the_logs(stub_runs):
     tmp_path, _ = stub_runs
     report, _ = run_main(tmp_path)
-    # stub log: 5 steps of acc_full 0.4, kl 0.01 * step, fire rate 0.3; 20% of 5 steps = 1 step per window
+    # stub log: 5 steps of acc_full 0.4, kl 0.01 * step, fire rate 0.3; 20% of 5 steps = 1 step
+    # per window
     assert cells(report, "RL diagnostics", ["EXGRPO (rl_exgrpo)"]) == [
         "1",
         "5",
@@ -513,9 +483,8 @@ def test_rl_diagnostics_come_from_the_logs(stub_runs):
         "–",
         "–",
     ]
-    assert (
-        "vanilla SFT" not in report.split("## RL diagnostics")[1].split("\n## ")[0]
-    )  # SFT logs hold no rollouts
+    # SFT logs hold no rollouts
+    assert "vanilla SFT" not in section(report, "RL diagnostics")
 
 
 def test_rows_without_the_bonus_show_no_fire_rate(tmp_path):
@@ -523,7 +492,7 @@ def test_rows_without_the_bonus_show_no_fire_rate(tmp_path):
         str(tmp_path / "logs" / "rl_exgrpo_plain.jsonl"),
         [{"step": 1, "acc_full": 0.5, "dsu_fire_rate": 0.0}],
     )
-    entry = lambda bonus: {"run": str(tmp_path), "config": {"dsu_bonus": bonus}}
+    entry = lambda bonus: scored(str(tmp_path), "rl_exgrpo_plain", dict(dsu_bonus=bonus))
     assert evaluate.training_logs([entry(False)], "rl_exgrpo_plain")[0][0]["dsu_fire_rate"] is None
     assert evaluate.training_logs([entry(True)], "rl_exgrpo_plain")[0][0]["dsu_fire_rate"] == 0.0
     assert evaluate.training_logs([entry(True)], "rl_grpo") == []  # no log, no curve
@@ -532,17 +501,13 @@ def test_rows_without_the_bonus_show_no_fire_rate(tmp_path):
 def test_probe_problems_scores_the_probes_of_the_first_problems_only(stub_runs):
     tmp_path, _ = stub_runs
     report, saved = run_main(tmp_path, "--probe_problems=1")
-    assert (
-        "## EI-probe accuracy per rule (explanatory consistency, the first 1 test_id problems of each world)"
-        in report
-    )
-    for e in saved[
-        "checkpoints"
-    ].values():  # one problem per world: each rule's cell counts 1 probe, not 2
+    title = "EI-probe accuracy per rule (explanatory consistency, the first 1 test_id problems"
+    assert f"## {title} of each world)" in report
+    # one problem per world: each rule's cell counts 1 probe, not 2
+    for e in saved["checkpoints"].values():
         assert {w: c[1] for w, c in e["probes"]["decompose"].items()} == {"coin": 1, "arith": 1}
-        assert (
-            sum(len(c) for c in e["correct"].values()) == 16
-        )  # every test problem is still scored
+        # every test problem is still scored
+        assert sum(len(c) for c in e["correct"].values()) == 16
 
 
 def test_data_efficiency_by_hand(tmp_path):
@@ -566,19 +531,14 @@ def test_data_efficiency_by_hand(tmp_path):
     ]
     base = lambda c: "rl_" + c["algo"] if c["stage"] == "rl" else "sft_" + c["data"]
     entries = [
-        dict(
-            name=base(c) + ("_f25" if f < 1 else ""),
-            run=run,
-            config=dict(c, data_fraction=f),
-            acc={"test_id": {"coin": [right.count("1"), 4]}},
-            correct={"test_id": right},
-        )
+        scored(run, base(c) + ("_f25" if f < 1 else ""), dict(c, data_fraction=f), right)
         for run, c, f, right in runs
     ]
     report = "\n" + "\n".join(evaluate.efficiency_section(entries, str(tmp_path)))
     assert "run folders r1, r2 only" in report
     assert cells(report, "Data efficiency", ["method"]) == ["25%", "100%"]
-    # vanilla 25%: 1/4 and 2/4; 100%: 3/4 and 4/4 (r3's 0/4 left out). Std of two values: |a - b| / sqrt(2)
+    # vanilla 25%: 1/4 and 2/4; 100%: 3/4 and 4/4 (r3's 0/4 left out). Std of two values:
+    # |a - b| / sqrt(2)
     assert cells(report, "Data efficiency", ["vanilla SFT"]) == [
         "37.5 ± 17.7 (n=2)",
         "87.5 ± 17.7 (n=2)",
@@ -595,20 +555,17 @@ def test_data_efficiency_by_hand(tmp_path):
     assert mean("EXGRPO − vanilla SFT") == ["+50.0", "–"]  # r1 only: 1110 - 1000
     assert mean("EXGRPO − EI-SFT") == ["+25.0", "–"]
     assert (tmp_path / "data_efficiency.png").exists()
-    assert (
-        evaluate.efficiency_section(
-            [e for e in entries if e["config"]["data_fraction"] == 1], str(tmp_path)
-        )
-        == []
-    )
+    all_data = [e for e in entries if e.config["data_fraction"] == 1]
+    assert evaluate.efficiency_section(all_data, str(tmp_path)) == []
     # a study whose every row trains on one share names its rows plainly: they are its main rows
-    plain = [dict(e, name=evaluate.split_name(e["name"])[0]) for e in entries]
+    plain = [replace(e, name=evaluate.row_name(e.name).row) for e in entries]
     assert evaluate.efficiency_section(plain, str(tmp_path)) == []
 
 
 def test_linear_probe_means_and_spread_over_run_folders_by_hand(tmp_path):
-    """Two run folders' probe.py results: each cell is the mean ± sample std of the per-folder values,
-    the control's mean in brackets; the first folder's figure is copied beside the report."""
+    """Two run folders' probe.py results: each cell is the mean ± sample std of the per-folder
+    values, the control's mean in brackets; the first folder's figure is copied beside the
+    report."""
     for run, (acc, sel) in {"r1": ([0.5, 0.7], [0.0, 0.2]), "r2": ([0.5, 0.9], [0.0, 0.4])}.items():
         result = dict(
             world="coin",
@@ -631,7 +588,8 @@ def test_linear_probe_means_and_spread_over_run_folders_by_hand(tmp_path):
         evaluate.linear_probe_section([str(tmp_path / "r1"), str(tmp_path / "r2")], str(report_dir))
     )
     section = "Linear probes"
-    # layer 1: accuracy 0.7 and 0.9 (mean 0.8, sample std 0.2 / sqrt(2) = 0.14); selectivity 0.2 and 0.4
+    # layer 1: accuracy 0.7 and 0.9 (mean 0.8, sample std 0.2 / sqrt(2) = 0.14); selectivity 0.2
+    # and 0.4
     rows = [line for line in report.splitlines() if line.startswith("| vanilla |")]
     assert rows[0] == "| vanilla | 0.50 ± 0.00 (0.50) | 0.80 ± 0.14 (0.40) |"
     assert rows[1] == "| vanilla | +0.00 ± 0.00 (0.50) | +0.30 ± 0.14 (0.60) |"
@@ -642,88 +600,11 @@ def test_linear_probe_means_and_spread_over_run_folders_by_hand(tmp_path):
     )
 
 
-def test_variance_components_by_hand():
-    d = np.array(
-        [[3, 0, 1, 0], [3, 1, 2, 2], [3, 2, 0, 1]], dtype=float
-    )  # S = 3 seeds, P = 4 problems
-    # seed means 1, 2, 1.5; problem means 3, 1, 1, 1; grand mean 18/12 = 1.5
-    # MS_S = 4 * (0.25 + 0.25 + 0) / 2 = 1;  MS_P = 3 * (2.25 + 3 * 0.25) / 3 = 3
-    # residuals d - seed - problem + grand: rows (.5, -.5, .5, -.5), (-.5, -.5, .5, .5), (0, 1, -1, 0);
-    # sum of squares 1 + 1 + 2 = 4 over (3 - 1)(4 - 1) = 6: MS_E = 2/3
-    # var_seed = (1 - 2/3) / 4 = 1/12, var_problem = (3 - 2/3) / 3 = 7/9, var_residual = 2/3
-    c = evaluate.variance_components(d)
-    expected = dict(
-        mean=1.5,
-        ms_seed=1,
-        ms_problem=3,
-        ms_residual=2 / 3,
-        var_seed=1 / 12,
-        var_problem=7 / 9,
-        var_residual=2 / 3,
-    )
-    assert c["seeds"] == 3 and c["problems"] == 4
-    assert {k: c[k] for k in expected} == pytest.approx(expected, abs=1e-12)
-    # V(3, 4) = (1/12)/3 + (7/9)/4 + (2/3)/12 = (1 + 7 + 2)/36; z_0.975 + z_0.80 = 1.959964 + 0.841621
-    assert evaluate.Z_POWER == pytest.approx(2.801585, abs=1e-6)
-    assert evaluate.mde(c, 3, 4) == pytest.approx(evaluate.Z_POWER * (10 / 36) ** 0.5, abs=1e-12)
-    # more seed than problem agreement: MS_S = MS_P = 0 < MS_E = 1 (residuals +-1/2 over 1 df); both clip to 0
-    c = evaluate.variance_components(np.array([[1.0, 0.0], [0.0, 1.0]]))
-    assert (c["var_seed"], c["var_problem"], c["var_residual"]) == (0.0, 0.0, 1.0)
-    # one seed: no seed component, no MDE
-    one = evaluate.power(np.ones((1, 5)), n_splits=1)
-    assert one["var_seed"] is None and "mde" not in one and one["mean"] == 1.0
-
-
-def test_variance_components_recover_a_known_truth():
-    """0/1 answers of two rows on S = 200 seeds x P = 400 problems: row A right with probability
-    0.5 + u_s + v_p (u_s = +-0.1: seed variance 0.01; v_p = +-0.2: problem variance 0.04), row B
-    with probability 0.5 on its own. The residual is the coin flips' variance: E[pi (1 - pi)] for A,
-    0.25 - 0.01 - 0.04 = 0.20, plus 0.25 for B = 0.45. Sampling error of each estimate is a few
-    percent here (the seed component's, from the residual's noise over 200 seeds, about 3%): 10% holds."""
-    rng = np.random.default_rng(0)
-    u = rng.choice([-0.1, 0.1], size=(200, 1))
-    v = rng.choice([-0.2, 0.2], size=(1, 400))
-    y_a = rng.random((200, 400)) < 0.5 + u + v
-    y_b = rng.random((200, 400)) < 0.5
-    c = evaluate.power(y_a.astype(float) - y_b, n_splits=4)
-    assert (c["var_seed"], c["var_problem"], c["var_residual"]) == pytest.approx(
-        (0.01, 0.04, 0.45), rel=0.1
-    )
-    truth = evaluate.Z_POWER * (0.01 / 200 + 0.04 / 400 + 0.45 / (200 * 400)) ** 0.5
-    assert c["mde"] == pytest.approx(truth, rel=0.05)
-
-
-def test_seed_spread_sets_a_floor_that_more_problems_do_not_lower():
-    # each seed shifts every problem alike: d[s, p] = u_s, u = (3, -1, 1, 1), sample variance
-    # (4 + 4 + 0 + 0) / 3 = 8/3; nothing else varies. MDE(S', P') = Z sqrt(8/3 / S') for every P'
-    seeds_only = evaluate.power(np.repeat([[3.0], [-1.0], [1.0], [1.0]], 6, axis=1), n_splits=1)
-    assert (
-        seeds_only["var_seed"] == pytest.approx(8 / 3, abs=1e-12)
-        and seeds_only["var_residual"] == 0
-    )
-    for s, by_problems in seeds_only["grid"].items():
-        assert list(by_problems) == [6, 1000, 4000]
-        assert list(by_problems.values()) == pytest.approx(
-            [evaluate.Z_POWER * (8 / 3 / s) ** 0.5] * 3, abs=1e-12
-        )
-    # MDE <= 2 needs 8/3 / S' <= (2 / Z)^2, S' >= 5.23: 6 seeds (5 give 2.05)
-    assert seeds_only["seeds_for_target"] == 6
-    # the mirror: each problem shifts every seed alike, v = (2, 0, 0, -2), variance 8/3; more seeds do nothing
-    problems_only = evaluate.power(np.tile([2.0, 0.0, 0.0, -2.0], (3, 1)), n_splits=1)
-    assert problems_only["var_seed"] == 0 and problems_only["var_problem"] == pytest.approx(
-        8 / 3, abs=1e-12
-    )
-    assert problems_only["grid"][5] == pytest.approx(problems_only["grid"][40], abs=1e-12)
-    assert problems_only["grid"][5][4] == pytest.approx(
-        evaluate.Z_POWER * (8 / 3 / 4) ** 0.5, abs=1e-12
-    )
-    assert problems_only["seeds_for_target"] == 2
-
-
 def test_power_section_in_the_report(stub_runs, monkeypatch):
     tmp_path, _ = stub_runs
     report, results = run_main(tmp_path)
-    # only EXGRPO - vanilla SFT has both rows, on one seed (s1): the seed component cannot be estimated
+    # only EXGRPO - vanilla SFT has both rows, on one seed (s1): the seed component cannot be
+    # estimated
     assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)"]) == [
         "-25.0",
         "6 / 16",
@@ -735,26 +616,27 @@ def test_power_section_in_the_report(stub_runs, monkeypatch):
         "– (one seed: the seed component cannot be estimated)",
         "–",
     ]
-    assert (
-        list(results["power"]) == ["rl_exgrpo - sft_qa"]
-        and results["power"]["rl_exgrpo - sft_qa"]["var_seed"] is None
-    )
-    # a second seed of EXGRPO that answers nothing right. d over the 16 problems (test_id, ood_long,
-    # ood_reverse, ood_names): s1 0001 -1000 0000 -1-1-1-1 (mean -1/4), s2 -1000 -10-10 -1000 -1-1-1-1
-    # (mean -1/2), grand mean -3/8. With two seeds the residual is +-(delta_p - mean delta)/2, delta = s1 - s2 =
-    # 1001 0010 1000 0000 (mean 1/4, sample variance (4 - 16/16)/15 = 1/5): MS_E = (15/5)/2/15 = 1/10.
+    assert list(results["power"]) == ["rl_exgrpo - sft_qa"]
+    assert results["power"]["rl_exgrpo - sft_qa"]["var_seed"] is None
+    # a second seed of EXGRPO that answers nothing right. d over the 16 problems (test_id,
+    # ood_long, ood_reverse, ood_names): s1 0001 -1000 0000 -1-1-1-1 (mean -1/4),
+    # s2 -1000 -10-10 -1000 -1-1-1-1 (mean -1/2), grand mean -3/8. With two seeds the residual is
+    # +-(delta_p - mean delta)/2, delta = s1 - s2 = 1001 0010 1000 0000 (mean 1/4, sample variance
+    # (4 - 16/16)/15 = 1/5): MS_E = (15/5)/2/15 = 1/10.
     # MS_S = 16 * 2 * (1/8)^2 = 1/2; problem means -.5 0 0 .5, -1 0 -.5 0, -.5 0 0 0, -1 -1 -1 -1:
     # sum of squares about -3/8 = 6 - 16 * 9/64 = 15/4, MS_P = 2 * (15/4) / 15 = 1/2.
-    # var_seed = (1/2 - 1/10) / 16 = 1/40, var_problem = (1/2 - 1/10) / 2 = 1/5, var_residual = 1/10;
-    # in points^2: 250, 2000, 1000 (sd 15.8, 44.7, 31.6).
+    # var_seed = (1/2 - 1/10) / 16 = 1/40, var_problem = (1/2 - 1/10) / 2 = 1/5,
+    # var_residual = 1/10; in points^2: 250, 2000, 1000 (sd 15.8, 44.7, 31.6).
     # MDE now: Z sqrt(250/2 + 2000/16 + 1000/32) = Z sqrt(281.25) = 47.0; S' = 5, P' = 16:
-    # Z sqrt(50 + 125 + 12.5) = 38.4. At P' = 16000 the seed term alone needs S' >= 250 / (2/Z)^2 = 491
+    # Z sqrt(50 + 125 + 12.5) = 38.4. At P' = 16000 the seed term alone needs
+    # S' >= 250 / (2/Z)^2 = 491
     (tmp_path / "s2" / "ckpt" / "rl_exgrpo.pt").write_bytes(
         (tmp_path / "s1" / "ckpt" / "rl_exgrpo.pt").read_bytes()
     )
     monkeypatch.setitem(RIGHT, ("s2", "rl_exgrpo"), set())
     report, results = run_main(tmp_path)
     assert cells(report, "Power", ["difference", "mean"])[-1] == "seeds for MDE ≤ 2 at P = 16000"
+    # pairs answered apart: 6 + 8 nonzero d
     assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)", "-37.5"]) == [
         "14 / 32",
         "15.8",
@@ -764,16 +646,15 @@ def test_power_section_in_the_report(stub_runs, monkeypatch):
         "16",
         "47.0",
         "none up to 100",
-    ]  # 6 + 8 nonzero d
+    ]
     assert cells(report, "Power", ["difference", "S"]) == ["P = 16", "P = 4000", "P = 16000"]
     assert cells(report, "Power", ["EXGRPO (rl_exgrpo) − vanilla SFT (sft_qa)", "5"])[0] == "38.4"
     saved = results["power"]["rl_exgrpo - sft_qa"]
     assert (saved["var_seed"], saved["var_problem"], saved["var_residual"]) == pytest.approx(
         (250, 2000, 1000), abs=1e-9
     )
-    assert (
-        "EI-SFT" not in report.split("## Power")[1].split("\n## ")[0]
-    )  # no sft_ei row: no comparison with it
+    # no sft_ei row: no comparison with it
+    assert "EI-SFT" not in section(report, "Power")
 
 
 def test_from_results_draws_the_report_without_checkpoints(stub_runs):
@@ -783,10 +664,8 @@ def test_from_results_draws_the_report_without_checkpoints(stub_runs):
     tmp_path, loaded = stub_runs
     report, _ = run_main(tmp_path)
     committed = []
-    for run in (
-        "s1",
-        "s2",
-    ):  # one evaluation per seed, its JSON and logs copied: what a study commits
+    # one evaluation per seed, its JSON and logs copied: what a study commits
+    for run in ("s1", "s2"):
         evaluate.main([f"--out_dir={tmp_path / run}", "--batch_size=3", "--device=cpu"])
         folder = tmp_path / "committed" / run
         folder.mkdir(parents=True)
@@ -799,8 +678,95 @@ def test_from_results_draws_the_report_without_checkpoints(stub_runs):
     evaluate.main([f"--out_dir={tmp_path / 'again'}", f"--from_results={','.join(committed)}"])
     again = open(tmp_path / "again" / "report" / "report.md").read()
     assert len(loaded) == n_loaded  # no checkpoint was opened
-    section = lambda text, name: [p for p in text.split("\n## ") if p.startswith(name)][0]
     for name in ("Accuracy per split", "Paired differences", "Power", "RL diagnostics"):
         assert section(again, name) == section(report, name), name
     with pytest.raises(SystemExit, match="results.json does not exist"):
         evaluate.main([f"--out_dir={tmp_path / 'again'}", f"--from_results={tmp_path / 'nothing'}"])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assert_no_section_empty(report, report_dir, titles):
+    """The report has the sections `titles` (each given by its start), in order, and none of them
+    is empty: each holds a table or a figure, every table has rows and a value (not –) somewhere in
+    every column (a result field or log key the report stopped reading comes out as a column of
+    –), and every figure is drawn."""
+    parts = report.split("\n## ")[1:]
+    found = [part.split("\n", 1)[0] for part in parts]
+    assert len(found) == len(titles) and all(map(str.startswith, found, titles)), found
+    for title, part in zip(found, parts):
+        tables, table = [], []
+        for line in part.splitlines() + [""]:
+            if line.startswith("|"):
+                table.append([c.strip() for c in line.strip("|").split("|")])
+            elif table:
+                tables.append(table)
+                table = []
+        figures = re.findall(r"\]\(([^)]+\.png)\)", part)
+        assert tables or figures, title
+        for header, _, *rows in tables:
+            assert rows, (title, header)
+            for j, column in enumerate(header):
+                assert any(row[j] != "–" for row in rows), (title, column)
+        for png in figures:
+            assert_drawn(os.path.join(report_dir, png))
+
+
+def test_the_rl_study_report_from_its_committed_seeds(tmp_path):
+    """--from_results on the RL study's first two seeds as results/rl_study.sh commits them
+    (results.json and the training logs) reads every result field and log key they hold: no
+    section of the report is empty, and the numbers the README quotes over those seeds come out."""
+    folders = [os.path.join(ROOT, "results", "rl_study", f"seed{s}") for s in (1, 2)]
+    evaluate.main([f"--out_dir={tmp_path}", f"--from_results={','.join(folders)}"])
+    report = open(tmp_path / "report" / "report.md").read()
+    titles = ["Accuracy per split", "Accuracy per world", "Paired differences", "Power"]
+    titles += ["RL diagnostics", "EI-probe accuracy", "Training curves"]
+    assert_no_section_empty(report, tmp_path / "report", titles)
+    # every key the training curves draw is in the committed logs: no panel is left blank
+    for name, keys in (("sft_ei", evaluate.SFT_CURVES), ("rl_exgrpo", evaluate.RL_CURVES)):
+        log = read_log(os.path.join(folders[0], "logs", f"{name}.jsonl"))
+        assert [k for k in keys if not any(k in r for r in log)] == [], name
+    # the probes of the first 60 test_id problems were scored (the seeds' settings)
+    assert "(explanatory consistency, the first 60 test_id problems of each world)" in report
+    exgrpo, bonus_off = "EXGRPO (rl_exgrpo)", "SFT + dialogue RL + aux (rl_exgrpo_nobonus)"
+    differences = lambda b: cells(report, "Paired differences", [f"{exgrpo} − {b}", "2"])
+    assert differences("EI-SFT (sft_ei)")[-1] == "+3.3 [+1.4, +5.2] *"
+    assert differences(bonus_off)[-1] == "-0.1 [-1.8, +1.7]"
+    # pairs answered apart, σ_s, σ_p, σ_e, S, P, the MDE now and the seeds it needs to reach 2
+    power = lambda b, mean: " | ".join(cells(report, "Power", [f"{exgrpo} − {b}", mean]))
+    assert power("EI-SFT (sft_ei)", "+3.3") == "1313 / 8000 | 1.4 | 0.0 | 40.5 | 2 | 4000 | 3.0 | 5"
+    assert power(bonus_off, "-0.1") == "1007 / 8000 | 1.3 | 0.0 | 35.5 | 2 | 4000 | 2.8 | 4"
+    # Scenario A accuracy of the rollouts (acc_full), KL, zero-std groups, the DSU fire rate, the
+    # bonus's share of the advantages (adv_bonus_share), tokens trained and the last position
+    assert " | ".join(cells(report, "RL diagnostics", [exgrpo])) == (
+        "2 | 180 | 0.762 → 0.821 | +0.059 [+0.033, +0.085] * | 0.0128 | 0.25 | 0.21 | 0.115 | "
+        "4658 | 418"
+    )
+
+
+def test_the_first_study_report_from_its_committed_results(tmp_path, monkeypatch):
+    """The first study (results/study.sh) committed the results.json of one evaluation over its
+    five seeds as results/study.json, and its report as results/report.md, not the run folders.
+    Split back into one folder per seed, named as they were, --from_results draws every section
+    those results hold (the RL diagnostics, the curves and the linear probes need logs and probe
+    files that were not committed), none of them empty, with the committed report's numbers."""
+    saved = json.load(open(os.path.join(ROOT, "results", "study.json")))
+    by_run = {}
+    for path, e in saved["checkpoints"].items():
+        by_run.setdefault(e["run"], {})[path] = e
+    monkeypatch.chdir(tmp_path)
+    for run, checkpoints in by_run.items():
+        os.makedirs(run)
+        with open(os.path.join(run, "results.json"), "w") as f:
+            json.dump({"settings": saved["settings"], "checkpoints": checkpoints}, f)
+    evaluate.main(["--out_dir=again", f"--from_results={','.join(by_run)}"])
+    report = open(os.path.join("again", "report", "report.md")).read()
+    titles = ["Accuracy per split", "Accuracy per world", "Paired differences", "Power"]
+    titles += ["EI-probe accuracy", "Data efficiency"]
+    assert_no_section_empty(report, os.path.join("again", "report"), titles)
+    committed = open(os.path.join(ROOT, "results", "report.md")).read()
+    numbers = lambda text: re.findall(r"[-+]?\d+(?:\.\d+)?", text)
+    for title in titles:
+        if title != "Power":  # the power section came after the first study
+            assert numbers(section(report, title)) == numbers(section(committed, title)), title
