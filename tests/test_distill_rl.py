@@ -412,15 +412,16 @@ def test_bf16_autocast_path_on_cpu(data_dir):
 
 
 def test_compile_wraps_the_training_forward_and_the_decode_step(data_dir, monkeypatch):
-    """compile=True: the gradient's forward and the decode step of the evaluation's sampling go
-    through torch.compile (dynamo with its eager backend here: inductor takes a minute on CPU), the
-    losses stay the golden ones and the checkpoint's keys are the plain model's."""
+    """compile=True: the gradient's forward goes through torch.compile (dynamo with its eager
+    backend here: inductor takes a minute on CPU), and on CPU the decode step stays eager (compiled
+    it was measured slower there); the losses stay the golden ones and the checkpoint's keys are
+    the plain model's."""
     compiled, real = [], torch.compile
     monkeypatch.setattr(
         torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, backend="eager")
     )
     model = sft(data_dir, "--max_iters=2", "--name=compiled", "--compile=True", "--eval_interval=2")
-    assert compiled == [model, model.decode]
+    assert compiled == [model] and model.static_decode is None
     assert [r["loss"] for r in log(data_dir, "compiled")] == pytest.approx(
         GOLDEN_SFT_LOSSES[:2], rel=1e-5
     )
