@@ -672,6 +672,47 @@ def test_rollout_masks_and_scenario_b_flags():
 # the DSU bonus must act: Scenario A and B share one group
 
 
+@pytest.mark.parametrize("algo", ["grpo", "reinforce"])
+def test_scale_rewards_divides_by_the_group_std_or_not(algo, monkeypatch):
+    """scale_rewards=group divides the centred rewards by the group's std, none leaves them
+    centred; reinforce's baseline is the group mean alone, whatever the flag says."""
+    import random
+
+    monkeypatch.setattr(
+        distill_rl, "is_correct", lambda world, text, gold, q=None: sum(map(ord, text)) % 2 == 0
+    )
+    tok = CompactTokenizer.from_texts(["Q: Is the coin heads up?\nA:", " The answer is yes."])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=tok.n_vocab, block_size=64))
+    records = [{"world": "coin", "question": "Is the coin heads up?", "answer": "yes"}] * 3
+    advantages = {}
+    for scale in ("group", "none"):
+        cfg = Config(algo=algo, group_size=4, max_new_tokens=6, scale_rewards=scale)
+        batch = distill_rl.rollout_batch(model.eval(), tok, records, cfg, random.Random(0), "cpu")
+        centred = batch.correct_full - batch.correct_full.mean(1, keepdim=True)
+        advantages[scale] = batch.adv.view(3, 4)
+        assert centred.abs().sum() > 0  # mixed groups: the flag has something to act on
+    std = batch.correct_full.std(1, unbiased=False, keepdim=True)
+    assert torch.equal(advantages["none"], centred)
+    expected = centred if algo == "reinforce" else centred / (std + 1e-4)
+    torch.testing.assert_close(advantages["group"], expected, rtol=0, atol=1e-6)
+
+
+def test_ei_mix_sets_the_share_of_original_questions(data_dir):
+    """ei_mix = 1: every EI-SFT batch is original questions, drawn as vanilla SFT draws them, so
+    the losses are vanilla SFT's; at 0.5 half the batch is EI dialogues and they differ."""
+    losses = {}
+    for name, flags in {
+        "mix_qa": ["--data=qa"],
+        "mix_one": ["--data=ei", "--ei_mix=1.0"],
+        "mix_half": ["--data=ei", "--ei_mix=0.5"],
+    }.items():
+        sft(data_dir, "--max_iters=2", f"--name={name}", "--eval_interval=100", *flags)
+        losses[name] = [r["loss"] for r in log(data_dir, name)]
+    assert losses["mix_one"] == losses["mix_qa"]
+    assert losses["mix_half"] != losses["mix_qa"]
+
+
 def test_joint_group_lifts_correct_full_rollouts_when_the_bonus_fires():
     """P_full 0.5 > P_partial 0.25: the bonus fires. Joint group of 8 = A's [1, 1, 0, 0] and B's
     [1, 0, 0, 0]: without the bonus mean 0.375, std sqrt(0.375 * 0.625), so a correct A rollout gets
