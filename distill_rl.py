@@ -30,7 +30,7 @@ algo=grpo is the same objective on one-turn rollouts (G per question, no probes,
 algo=reinforce replaces the clipped term by rho * A with A = R - mean R (rho = 1 in value: the
 gradient A * grad log pi). The loss starts near 0 by construction: watch the reward.
 
-Where the paper is silent we decided, each a flag (the README lists them):
+Where the paper is silent we decided, each a flag (docs/design.md lists them):
   1. U's group is both scenarios together (adv_group=joint). With A's G rollouts alone, a bonus
      paid to every correct one multiplies their 0/1 rewards by (1 + delta) and the group's std
      divides it out again (the advantages moved < 3e-4, measured).
@@ -855,7 +855,7 @@ def main(argv):
     model = DistributedDataParallel(raw_model) if world_size > 1 else raw_model
     if cfg.compile:
         # what the gradient flows through (unwrap() undoes it); the rollouts' decode step gets
-        # CUDA graphs (README, "Speed")
+        # CUDA graphs on CUDA (docs/speed.md)
         model = torch.compile(model)
         raw_model.compile_decode()
     with run_lock(cfg, rank):

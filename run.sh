@@ -2,11 +2,11 @@
 # The main job: every stage of the method top to bottom on the embedded default (a tiny student
 # trained from scratch on CPU, the oracle teacher), into one run folder per seed, then one report.
 #
-#   bash run.sh                      # one seed into out/default            (measured time: README)
+#   bash run.sh                      # one seed into out/default            (measured time: README.md)
 #   bash run.sh --quick              # a one-minute smoke run into out/quick
 #   bash run.sh --seeds "1 2 3"      # one run folder per seed, report over all of them
 #   bash run.sh --resume             # continue (or skip) the trainings an earlier run left in the folder
-#   bash run.sh --preset config/gpu_gpt2.py   # GPT-2 124M on one GPU (README: "On a GPU")
+#   bash run.sh --preset config/gpu_gpt2.py   # GPT-2 124M on one GPU (docs/gpu.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -51,7 +51,7 @@ for seed in $seeds; do
       $train --stage=sft --data=ei && wait $other ) > $run/train.log 2>&1 \
         || { echo "run.sh: SFT or the cold start failed, see $run/train.log" >&2; exit 1; }
     # stage 3, the rest of the paper's Table 3 rows plus one-turn GRPO, two at a time; every RL row
-    # gets the same steps, questions per step and trained rollouts per question (README: "The rows")
+    # gets the same steps, questions per step and trained rollouts per question (docs/design.md, "The rows")
     printf '%s\n' \
         "--init=$sft --algo=exgrpo --aux_coef=0 --dsu_bonus=False --name=rl_exgrpo_plain" \
         "--init=$sft --algo=exgrpo --dsu_bonus=False --name=rl_exgrpo_nobonus" \

@@ -1,5 +1,5 @@
 # scripts/gpu_check.sh on one GPU: the GPU preset's pipeline with reduced steps and data, in under
-# 10 minutes (README, "On a GPU"). Applied after config/gpu_gpt2.py.
+# 10 minutes (docs/gpu.md). Applied after config/gpu_gpt2.py.
 out_dir = "out/gpu_check"
 n_train, n_val, n_test, n_ood = 500, 100, 100, 50
 max_iters = 300

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The RL study of the README's protocol (pre-registered 2026-12-03, "The RL study"): at 10% of the
+# The RL study of results/README.md's protocol (pre-registered 2026-12-03, "The RL study"): at 10% of the
 # training questions, per seed vanilla SFT, EI-SFT, and EXGRPO with and without the DSU bonus from
 # that seed's EI-SFT student (180 steps of 8 questions), then every test problem (1000 per split)
 # scored and the seed's small results committed under results/rl_study/seed<N>/ (results.json with

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The reproduction study of the README's protocol (fixed before it ran):
+# The reproduction study of results/README.md's protocol (fixed before it ran):
 #   1. five seeds of every row of run.sh (the embedded default with the RL budget of config/study.py),
 #      one run folder per seed, then one report over all of them on every test problem (paired
 #      bootstrap intervals), copied here with its JSON and figures;
