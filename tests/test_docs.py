@@ -88,8 +88,12 @@ def config_fields(script):
             and isinstance(node.args[0], ast.Call)
             and getattr(node.args[0].func, "id", None) in classes
         ):
-            body = classes[node.args[0].func.id].body
-            return {n.target.id for n in body if isinstance(n, ast.AnnAssign)}
+            cls = classes[node.args[0].func.id]
+            fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+            for base in cls.bases:  # class Config(distill_rl.Config): the stage's options too
+                if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name):
+                    fields |= config_fields(f"{base.value.id}.py") or set()
+            return fields
     return None
 
 
