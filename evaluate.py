@@ -238,9 +238,10 @@ def first_per_world(records, n):
     return out
 
 
-def evaluate_checkpoint(ckpt, data, cfg, device, stamp):
+def evaluate_checkpoint(ckpt, data, cfg, device, mtimes):
     """The Entry of a Checkpoint: its greedy answers to every problem of data ({split: records})
-    and to the EI probes of the first cfg.probe_problems test_id problems per world, counted."""
+    and to the EI probes of the first cfg.probe_problems test_id problems per world, counted;
+    mtimes: its stamp."""
     model, tok, saved = load_model(ckpt.path, device)
     jobs = [
         Job(r["question"], r["answer"], r["world"], split=split, index=i)
@@ -254,11 +255,11 @@ def evaluate_checkpoint(ckpt, data, cfg, device, stamp):
     ]
     # similar lengths share a batch: less left padding to compute
     jobs.sort(key=lambda job: len(job.question))
-    bs, answers = cfg.batch_size, []
+    bs, texts = cfg.batch_size, []
     try:
         for i in tqdm(range(0, len(jobs), bs), desc=f"eval {ckpt.path}"):
             questions = [job.question for job in jobs[i : i + bs]]
-            answers += greedy_answers(model, tok, questions, cfg.max_new_tokens, bs)
+            texts += greedy_answers(model, tok, questions, cfg.max_new_tokens, bs)
     except ValueError as e:
         # a token outside a compact vocabulary, or a prompt longer than block_size
         raise SystemExit(
@@ -266,7 +267,7 @@ def evaluate_checkpoint(ckpt, data, cfg, device, stamp):
         ) from None
     acc, probes = {split: {} for split in data}, {}
     correct = {split: ["0"] * len(recs) for split, recs in data.items()}
-    for job, text in zip(jobs, answers):
+    for job, text in zip(jobs, texts):
         # given the question, a swap world's option may be named by letter
         right = int(is_correct(job.world, text, job.gold, job.question))
         counts = acc[job.split] if job.rule is None else probes.setdefault(job.rule, {})
@@ -283,7 +284,7 @@ def evaluate_checkpoint(ckpt, data, cfg, device, stamp):
         acc=acc,
         probes=probes,
         correct={split: "".join(c) for split, c in correct.items()},
-        stamp=stamp,
+        stamp=mtimes,
         name=ckpt.name,
     )
 
@@ -587,9 +588,8 @@ def difference_section(methods, order, splits, report_dir):
     pairs += [(a, b) for a, b in PAIRS if a in order and b in order]
     if not pairs:
         return []
-    interval = lambda a, b, chosen: paired_interval(
-        answers(methods[a]), answers(methods[b]), chosen
-    )
+    answered = {m: answers(methods[m]) for m in order}
+    interval = lambda a, b, chosen: paired_interval(answered[a], answered[b], chosen)
     seeds = lambda a, b: len({e.run for e in methods[a]} & {e.run for e in methods[b]})
     pooled_ci = {(a, b): interval(a, b, splits) for a, b in pairs}
     rows = [
@@ -633,15 +633,12 @@ def power_section(analysis):
     for (a, b), c in analysis.items():
         name = f"{label(a)} − {label(b)}"
         if c.var_seed is None:
-            why = (
-                "one seed: the seed component"
-                if c.seeds < 2
-                else "one problem: the problem component"
-            )
+            why = "one seed: the seed" if c.seeds < 2 else "one problem: the problem"
+            untold = f"– ({why} component cannot be estimated)"
             rows.append(
                 [name, f"{c.mean:+.1f}", f"{c.differ} / {c.seeds * c.problems}"]
                 + ["–"] * 3
-                + [str(c.seeds), str(c.problems), f"– ({why} cannot be estimated)", "–"]
+                + [str(c.seeds), str(c.problems), untold, "–"]
             )
             continue
         # the problem counts of the grid, the same for every row
@@ -670,10 +667,10 @@ def power_section(analysis):
         "modelled as mu + a_s + b_p + e_sp; σ_s, σ_p, σ_e: the spread between seeds, between "
         "problems and left over (ANOVA estimates); pairs answered apart: (seed, problem) pairs "
         "where one row is right and the other wrong. MDE: the smallest true difference found with "
-        f"80% power at two-sided 5%, {Z_POWER:.2f} · sqrt(σ_s²/S + σ_p²/P + σ_e²/(S·P)) for S "
-        "seeds and P problems; more problems do not lower the seed term. σ_s rests on S − 1 "
-        "degrees of freedom: with few seeds the seeds needed are a rough guide, to be estimated "
-        "again as seeds are added.",
+        f"80% power at two-sided 5%, {Z_POWER:.2f} · sqrt(σ_s²/S + σ_p²/P + σ_e²/(S·P)) "
+        "for S seeds and P problems; more problems do not lower the seed term. σ_s rests on "
+        "S − 1 degrees of freedom: with few seeds the seeds needed are a rough guide, to be "
+        "estimated again as seeds are added.",
         "",
         md_table(header + ["MDE now", target], rows),
         "",
@@ -862,9 +859,8 @@ def efficiency_section(entries, report_dir):
         for fam, st in spreads.items()
     ]
     fams = list(grid)
-    interval = lambda a, b, f: paired_interval(
-        answers(grid[a][f]), answers(grid[b][f]), ["test_id"]
-    )
+    at_share = lambda fam, f: answers(grid[fam][f])
+    interval = lambda a, b, f: paired_interval(at_share(a, f), at_share(b, f), ["test_id"])
     diffs = [
         [f"{a} − {b}"]
         + [ci_cell(interval(a, b, f)) if f in grid[a] and f in grid[b] else "–" for f in shares]

@@ -1,7 +1,9 @@
 """evaluate.py: accuracies equal hand counts (answers fixed by a stub, and by a tiny real model that
 always answers "yes"), seeds aggregate to the hand-computed mean ± std, the report lists every
-split and method, the figures are written, --reuse skips unchanged checkpoints, and missing
-inputs stop with one sentence."""
+split and method, the figures are written, --reuse skips unchanged checkpoints, missing inputs
+stop with one sentence, and the report drawn from the committed results (the RL study's seeds, the
+first study's results.json) reads every field and log key they hold, with their numbers. The
+statistics themselves are tested in tests/test_stats.py."""
 
 import json
 import os
@@ -689,9 +691,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def assert_no_section_empty(report, report_dir, titles):
     """The report has the sections `titles` (each given by its start), in order, and none of them
-    is empty: each holds a table or a figure, every table has rows and a value (not –) somewhere in
-    every column (a result field or log key the report stopped reading comes out as a column of
-    –), and every figure is drawn."""
+    is empty: each holds a table or a figure, every table has rows and a value (not –) somewhere
+    in every column (a result field or log key the report stopped reading comes out as a column
+    of –), and every figure is drawn."""
     parts = report.split("\n## ")[1:]
     found = [part.split("\n", 1)[0] for part in parts]
     assert len(found) == len(titles) and all(map(str.startswith, found, titles)), found
