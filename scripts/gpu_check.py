@@ -2,9 +2,12 @@
 The GPU check: the GPU preset's pipeline top to bottom with reduced steps, timed and measured, into
 one JSON (the README's GPU section compares it with its estimate).
 
-    bash scripts/gpu_check.sh                   # one GPU: GPT-2 124M from OpenAI's weights, under 10 minutes
-    bash scripts/gpu_check.sh --device=cpu      # dry run: the same stages at a tiny shape, about a minute
-    bash scripts/gpu_check.sh --device=cpu --init=DIR   # the same at GPT-2 124M shapes from an HF folder
+    # one GPU: GPT-2 124M from OpenAI's weights, under 10 minutes
+    bash scripts/gpu_check.sh
+    # dry run: the same stages at a tiny shape, about a minute
+    bash scripts/gpu_check.sh --device=cpu
+    # the same at GPT-2 124M shapes from an HF folder
+    bash scripts/gpu_check.sh --device=cpu --init=DIR
 
 The arguments are config files and --key=value flags, as for every stage: the stages get the same
 files (each takes the keys it knows) and --out_dir, --device, --init from here. The stages run in
@@ -38,14 +41,14 @@ class Config:
     device: str = "cuda"
     init: str = "gpt2"  # the SFT student's start: gpt2, an HF folder, or scratch (tiny)
     result: str = ""  # default: results/gpu_check.json on CUDA, else out_dir/gpu_check.json
-    probe_args: str = (
-        "--max_problems=200 --iters=200 --controls=1 --intervene_problems=20"  # for probe.py
-    )
+    # for probe.py
+    probe_args: str = "--max_problems=200 --iters=200 --controls=1 --intervene_problems=20"
     evaluate_args: str = "--max_problems=20"  # for evaluate.py
 
 
 def in_stage(name, fn, report):
-    """Run fn, recording its wall time and (on CUDA) its peak allocated memory; returns fn's value."""
+    """Run fn, recording its wall time and (on CUDA) its peak allocated memory; returns fn's
+    value."""
     cuda = torch.cuda.is_available() and report["device"] != "cpu"
     if cuda:
         torch.cuda.synchronize()
@@ -68,19 +71,19 @@ def count_rollout_tokens(counter):
 
     def counted(model, tok, dialogues, cfg, seed):
         t0 = time.time()
-        tokens, writer, final = real(model, tok, dialogues, cfg, seed)
+        rollouts = real(model, tok, dialogues, cfg, seed)
         counter["seconds"] += time.time() - t0  # .tolist() inside has synchronised the GPU
-        counter["tokens"] += sum(w != distill_rl.CONTEXT for ws in writer for w in ws)
-        return tokens, writer, final
+        counter["tokens"] += sum(w != distill_rl.CONTEXT for ws in rollouts.writer for w in ws)
+        return rollouts
 
     distill_rl.sample_rollouts = counted
 
 
 def decode_timing(path, device):
-    """Seconds per decode step (one token for every row), eager and, on a GPU, with compile_decode (CUDA
-    graphs), medians of reps sampled calls after one warm-up (the compiled one's warm-up compiles),
-    and whether the two sample the same tokens from the same seed (on CPU the dry run skips compiling:
-    inductor takes a minute there, and times a smaller call)."""
+    """Seconds per decode step (one token for every row), eager and, on a GPU, with compile_decode
+    (CUDA graphs), medians of reps sampled calls after one warm-up (the compiled one's warm-up
+    compiles), and whether the two sample the same tokens from the same seed (on CPU the dry run
+    times a smaller call, eager only: compile_decode leaves the CPU step eager)."""
     from model import load_model
 
     cuda = device.startswith("cuda")
@@ -94,9 +97,8 @@ def decode_timing(path, device):
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.time()
-            tokens, _ = model.generate(
-                prompts, new_tokens, temperature=1.0, seed=0, eot=-1
-            )  # no row stops
+            # eot -1: no row stops
+            tokens, _ = model.generate(prompts, new_tokens, temperature=1.0, seed=0, eot=-1)
             if cuda:
                 torch.cuda.synchronize()
             times.append((time.time() - t0) / new_tokens)
@@ -123,7 +125,8 @@ def read_log(out_dir, name):
 
 
 def steady(records, key):
-    """Median of key over the steps after the first (the first pays for warm-up and compilation)."""
+    """Median of key over the steps after the first (the first pays for warm-up and
+    compilation)."""
     values = [r[key] for r in records[1:] or records]
     return round(statistics.median(values), 4)
 
@@ -156,40 +159,23 @@ def run(cfg, files):
     count_rollout_tokens(rollouts)
     t0 = time.time()
     in_stage("invert", lambda: invert.build(parse_config(invert.Config(), files + common)), report)
-    student = in_stage(
-        "sft",
-        lambda: distill_rl.main(
-            files + common + [f"--init={cfg.init}", "--stage=sft", "--data=ei"]
-        ),
-        report,
-    )
+    sft = files + common + [f"--init={cfg.init}", "--stage=sft", "--data=ei"]
+    student = in_stage("sft", lambda: distill_rl.main(sft), report)
     report["model"] = dict(params_m=round(student.num_params() / 1e6, 2), **vars(student.config))
     del student  # the RL stage loads the checkpoint: free the memory first
-    in_stage(
-        "rl",
-        lambda: distill_rl.main(
-            files + common + [f"--init={ckpt}/sft_ei.pt", "--stage=rl", "--algo=exgrpo"]
-        ),
-        report,
-    )
-    in_stage(
-        "probe",
-        lambda: probe.main(
-            [
-                f"--checkpoints=ei_sft={ckpt}/sft_ei.pt,exgrpo={ckpt}/rl_exgrpo.pt",
-                f"--data={out}/data",
-                "--world=coin",
-                f"--out_dir={out}/probe",
-                f"--device={cfg.device}",
-            ]
-            + cfg.probe_args.split()
-        ),
-        report,
-    )
+    rl = files + common + [f"--init={ckpt}/sft_ei.pt", "--stage=rl", "--algo=exgrpo"]
+    in_stage("rl", lambda: distill_rl.main(rl), report)
+    probes = [
+        f"--checkpoints=ei_sft={ckpt}/sft_ei.pt,exgrpo={ckpt}/rl_exgrpo.pt",
+        f"--data={out}/data",
+        "--world=coin",
+        f"--out_dir={out}/probe",
+        f"--device={cfg.device}",
+    ]
+    in_stage("probe", lambda: probe.main(probes + cfg.probe_args.split()), report)
     in_stage("evaluate", lambda: evaluate.main(common + cfg.evaluate_args.split()), report)
-    report["decode"] = in_stage(
-        "decode", lambda: decode_timing(f"{ckpt}/sft_ei.pt", cfg.device), report
-    )
+    decode = lambda: decode_timing(f"{ckpt}/sft_ei.pt", cfg.device)
+    report["decode"] = in_stage("decode", decode, report)
     sft_log, rl_log = read_log(out, "sft_ei"), read_log(out, "rl_exgrpo")
     report.update(
         total_seconds=round(time.time() - t0, 1),
@@ -229,10 +215,12 @@ def main(argv):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, json.dumps(report, indent=1) + "\n")
     peak = f"{report['peak_memory_gb']} GB" if report["peak_memory_gb"] else "not measured on CPU"
+    decode = report["decode"]
     print(
-        f"wrote {path}: {report['total_seconds']} s, SFT {report['sft_tokens_per_s']:.0f} tokens/s, RL step "
-        f"{report['rl_step_s']:.2f} s, rollouts {report['rl_rollout_tokens_per_s']:.0f} tokens/s, decode step "
-        f"{report['decode']['eager_s_per_step']} s eager, {report['decode']['compiled_s_per_step']} s compiled, "
+        f"wrote {path}: {report['total_seconds']} s, SFT {report['sft_tokens_per_s']:.0f} "
+        f"tokens/s, RL step {report['rl_step_s']:.2f} s, rollouts "
+        f"{report['rl_rollout_tokens_per_s']:.0f} tokens/s, decode step "
+        f"{decode['eager_s_per_step']} s eager, {decode['compiled_s_per_step']} s compiled, "
         f"peak memory {peak}"
     )
 
