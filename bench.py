@@ -6,11 +6,12 @@ rollouts x 64 new tokens, beta 0.04), its sampling time and peak memory, against
 GRPOTrainer on the same model and sizes when trl is installed. Each RL run is its own process,
 so its peak RSS is its own.
 
-    python bench.py                                  # tiny (compact vocab), S and GPT-2 124M shapes, RL step
-    python bench.py --shapes=S --threads=2 --iters=5 --rl=False   # sampling at shape S, 8 and 64 rows
+    python bench.py  # tiny (compact vocab), S and GPT-2 124M shapes, RL step
+    python bench.py --shapes=S --threads=2 --iters=5 --rl=False  # sampling at shape S: 8, 64 rows
     python bench.py --shapes=tiny --threads=2 --iters=5 --rl=False
-    python bench.py --shapes=nano --batch=2 --seq_len=16 --gen_batch=2 --new_tokens=4 --iters=1 --warmup=0
-    python bench.py --shapes= --rl_questions=2 --rl_group=2 --rl_new_tokens=4   # the RL rows only, small
+    python bench.py --shapes=nano --batch=2 --seq_len=16 --gen_batch=2 --new_tokens=4 --iters=1 \
+        --warmup=0
+    python bench.py --shapes= --rl_questions=2 --rl_group=2 --rl_new_tokens=4  # the RL rows, small
 
 Weights are random (speed does not depend on them). Each number is the median of `iters` timed
 repetitions after `warmup` untimed ones. On a shared machine other processes skew everything:
@@ -40,17 +41,16 @@ from tokenizer import gpt2_bpe_files
 
 @dataclass
 class BenchConfig:
-    shapes: str = "tiny,S,gpt2"  # comma-separated presets of model.PRESETS, or S: tiny with GPT-2's 50257 outputs
-    compact_vocab: int = (
-        200  # vocab of the other tiny presets (a compact task vocabulary); gpt2* and S use 50257
-    )
+    # comma-separated presets of model.PRESETS, or S: tiny with GPT-2's 50257 outputs
+    shapes: str = "tiny,S,gpt2"
+    # vocab of the other tiny presets (a compact task vocabulary); gpt2* and S use 50257
+    compact_vocab: int = 200
     threads: int = 1  # torch threads; 0 keeps torch's default
     device: str = "cpu"  # cpu | cuda | auto
     batch: int = 4  # training batch
     seq_len: int = 128  # training sequence length
-    gen_batch: str = (
-        "8,64"  # prompts sampled at once (one sample each), comma-separated: one row per count
-    )
+    # prompts sampled at once (one sample each), comma-separated: one row per count
+    gen_batch: str = "8,64"
     prompt_len: int = 16  # tokens per prompt
     new_tokens: int = 64  # tokens sampled per prompt
     warmup: int = 1  # untimed repetitions first
@@ -60,12 +60,10 @@ class BenchConfig:
     rl: bool = True  # also one GRPO step at shape S, ours and (when installed) TRL's
     rl_questions: int = 16  # questions per GRPO step
     rl_group: int = 8  # rollouts per question
-    rl_new_tokens: int = (
-        64  # tokens per rollout (TRL is held to exactly this many; ours rarely stops early)
-    )
-    profile: bool = (
-        False  # instead: where a decode step spends its time, per op group, at each shape
-    )
+    # tokens per rollout (TRL is held to exactly this many; ours rarely stops early)
+    rl_new_tokens: int = 64
+    # instead: where a decode step spends its time, per op group, at each shape
+    profile: bool = False
     trl_run: str = ""  # internal: the run folder of TRL's steps (bench.py starts itself with it)
     seed: int = 0
 
@@ -169,13 +167,22 @@ def bench_shape(name, cfg, device, with_hf):
         n: torch.randint(0, vocab - 1, (n, cfg.prompt_len), device=device, generator=g)
         for n in batches
     }
-    rows = []
+    rows = our_rows(config, cfg, device, x, batches, prompts, g)
+    if with_hf:  # the training row, then one per prompt count (no HF number without a cache)
+        for row, rate in zip(rows, hf_rates(config, cfg, device, x, batches, prompts)):
+            row.append(rate)
+    return config, rows
 
+
+def our_rows(config, cfg, device, x, batches, prompts, g):
+    """[what, tok/s] of our model: the training step, sampling at each prompt count and, with
+    nocache, sampling without the KV cache. The model is freed on return, before transformers' is
+    built."""
     torch.manual_seed(cfg.seed)
     model = GPT(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     timed = lambda fn: tokens_per_s(fn, device, cfg.warmup, cfg.iters)
-    rows.append(["train", timed(lambda: train_step(model.train(), opt, x, False))])
+    rows = [["train", timed(lambda: train_step(model.train(), opt, x, False))]]
 
     def generate(n):
         tokens, _ = model.generate(
@@ -187,35 +194,33 @@ def bench_shape(name, cfg, device, with_hf):
         rows.append([f"sample {n} rows", timed(lambda: generate(n))])
     if cfg.nocache:
         model.eval()
-        rows.append(
-            [
-                f"sample {batches[0]}, no cache",
-                timed(lambda: sample_nocache(model, prompts[batches[0]], cfg.new_tokens, g)),
-            ]
-        )
-    del model, opt
+        first = batches[0]
+        nocache = lambda: sample_nocache(model, prompts[first], cfg.new_tokens, g)
+        rows.append([f"sample {first}, no cache", timed(nocache)])
+    return rows
 
-    if with_hf:
-        torch.manual_seed(cfg.seed)
-        hf = hf_model(config).to(device)
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-        rows[0].append(timed(lambda: train_step(hf.train(), opt, x[:, :-1], True)))
-        hf.eval()
-        for i, n in enumerate(batches):
-            kw = dict(
-                do_sample=True,
-                top_k=0,
-                max_new_tokens=cfg.new_tokens,
-                min_new_tokens=cfg.new_tokens,
-                use_cache=True,
-                pad_token_id=vocab - 1,
-                attention_mask=torch.ones_like(prompts[n]),
-            )
-            rows[1 + i].append(
-                timed(lambda: (hf.generate(prompts[n], **kw).size(1) - cfg.prompt_len) * n)
-            )
-        del hf, opt
-    return config, rows
+
+def hf_rates(config, cfg, device, x, batches, prompts):
+    """transformers' tok/s on the same shapes: the training step, then sampling at each prompt
+    count."""
+    torch.manual_seed(cfg.seed)
+    hf = hf_model(config).to(device)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    timed = lambda fn: tokens_per_s(fn, device, cfg.warmup, cfg.iters)
+    rates = [timed(lambda: train_step(hf.train(), opt, x[:, :-1], True))]
+    hf.eval()
+    for n in batches:
+        kw = dict(
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=cfg.new_tokens,
+            min_new_tokens=cfg.new_tokens,
+            use_cache=True,
+            pad_token_id=config.vocab_size - 1,
+            attention_mask=torch.ones_like(prompts[n]),
+        )
+        rates.append(timed(lambda: (hf.generate(prompts[n], **kw).size(1) - cfg.prompt_len) * n))
+    return rates
 
 
 # groups of torch.profiler's aten ops in a decode step: what each one is for
@@ -247,10 +252,10 @@ OP_GROUPS = {
 
 
 def profile_decode(name, cfg, device):
-    """{group: ms per decode step} of one generate call (n rows x new_tokens, after a warm-up call),
-    from torch.profiler's self time per aten op, beside the unprofiled wall time per step (median of
-    iters calls); 'other ops' is every op not in OP_GROUPS (views, masks, embeddings); the gap to the
-    wall time is Python and dispatch."""
+    """{group: ms per decode step} of one generate call (n rows x new_tokens, after a warm-up
+    call), from torch.profiler's self time per aten op, beside the unprofiled wall time per step
+    (median of iters calls); 'other ops' is every op not in OP_GROUPS (views, masks, embeddings);
+    the gap to the wall time is Python and dispatch."""
     from torch.profiler import ProfilerActivity, profile
 
     model = GPT(shape_config(name, cfg)).to(device).eval()
@@ -336,28 +341,16 @@ def bench_rl(cfg, device, with_trl):
         os.path.join(run, "ours.log"),
     )
     log = [json.loads(line) for line in open(os.path.join(run, "logs", "rl_grpo.jsonl"))]
-    rows = [
-        [
-            "ours",
-            median([r["time_step"] for r in log]),
-            median([r["time_sample"] for r in log]),
-            rss,
-        ]
-    ]
+    step, sampling = median([r["time_step"] for r in log]), median([r["time_sample"] for r in log])
+    rows = [["ours", step, sampling, rss]]
     if with_trl:
         argv = [f"--{k}={v}" for k, v in vars(cfg).items() if k not in ("trl_run", "device")]
         rss = measured(
             [sys.executable, "bench.py", *argv, f"--trl_run={run}", f"--device={device}"],
             os.path.join(run, "trl.log"),
         )
-        rows.append(
-            [
-                "TRL GRPOTrainer",
-                median(json.load(open(os.path.join(run, "trl_steps.json")))),
-                None,
-                rss,
-            ]
-        )
+        trl_step = median(json.load(open(os.path.join(run, "trl_steps.json"))))
+        rows.append(["TRL GRPOTrainer", trl_step, None, rss])
     shutil.rmtree(run)  # kept only when a run fails, for its log
     return rows
 
@@ -382,9 +375,8 @@ def trl_steps(cfg, run):
         float(is_correct(w, c, a)) for c, a, w in zip(completions, answer, world)
     ]
     files = gpt2_bpe_files()
-    tok = GPT2Tokenizer(
-        vocab=files["encoder.json"], merges=files["vocab.bpe"]
-    )  # GPT-2's BPE, offline
+    # GPT-2's BPE, offline
+    tok = GPT2Tokenizer(vocab=files["encoder.json"], merges=files["vocab.bpe"])
     tok.pad_token = tok.eos_token
     times = []
 
@@ -457,10 +449,12 @@ def main(argv):
         return trl_steps(cfg, cfg.trl_run)
     has_transformers = importlib.util.find_spec("transformers") is not None
     busy = cpu_busy()
+    busy_text = "?" if busy is None else f"{100 * busy:.0f}%"
     if cfg.profile:
         print(
-            f"a decode step, ms per step (torch.profiler self time; {cfg.prompt_len}-token prompts + {cfg.new_tokens} "
-            f"new, {torch.get_num_threads()} threads, cpu busy before {'?' if busy is None else f'{100 * busy:.0f}%'})"
+            f"a decode step, ms per step (torch.profiler self time; {cfg.prompt_len}-token "
+            f"prompts + {cfg.new_tokens} new, {torch.get_num_threads()} threads, cpu busy before "
+            f"{busy_text})"
         )
         for name in [name for name in cfg.shapes.split(",") if name]:
             n, wall, groups = profile_decode(name, cfg, device)
@@ -472,11 +466,12 @@ def main(argv):
     print(
         f"torch {torch.__version__}, device {device}, torch threads {torch.get_num_threads()}, "
         f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f} (1 min), "
-        f"cpu busy before the run {'?' if busy is None else f'{100 * busy:.0f}%'}"
+        f"cpu busy before the run {busy_text}"
     )
     print(
-        f"train: batch {cfg.batch} x {cfg.seq_len} tokens, fwd + bwd + AdamW step; sample: {cfg.gen_batch} "
-        f"prompts x {cfg.prompt_len} tokens + {cfg.new_tokens} new, temperature 1, no top-k; "
+        f"train: batch {cfg.batch} x {cfg.seq_len} tokens, fwd + bwd + AdamW step; "
+        f"sample: {cfg.gen_batch} prompts x {cfg.prompt_len} tokens + {cfg.new_tokens} new, "
+        "temperature 1, no top-k; "
         f"median of {cfg.iters} after {cfg.warmup} warm-up"
     )
     if cfg.hf and not has_transformers:
@@ -493,22 +488,23 @@ def main(argv):
     if cfg.rl:
         with_trl = importlib.util.find_spec("trl") is not None
         print(
-            f"\nGRPO step at shape S (tiny preset, V=50257): {cfg.rl_questions} coin questions x {cfg.rl_group} "
-            f"rollouts x {cfg.rl_new_tokens} new tokens, beta 0.04; median of {cfg.iters} steps after {cfg.warmup}"
+            f"\nGRPO step at shape S (tiny preset, V=50257): {cfg.rl_questions} coin questions x "
+            f"{cfg.rl_group} rollouts x {cfg.rl_new_tokens} new tokens, beta 0.04; median of "
+            f"{cfg.iters} steps after {cfg.warmup}"
             + ("" if with_trl else "; trl is not installed: no comparison")
         )
         rows = bench_rl(cfg, device, with_trl)
-        print(
-            f"{'what':<16} {'step s':>7} {'sampling s':>11} {'step/sampling':>14} {'peak RSS GiB':>13}"
-        )
+        header = ("what", "step s", "sampling s", "step/sampling", "peak RSS GiB")
+        print("{:<16} {:>7} {:>11} {:>14} {:>13}".format(*header))
         for what, step, sampling, rss in rows:
-            share = (
-                f"{sampling:11.2f} {step / sampling:14.2f}" if sampling else f"{'-':>11} {'-':>14}"
-            )
+            share = f"{'-':>11} {'-':>14}"
+            if sampling:
+                share = f"{sampling:11.2f} {step / sampling:14.2f}"
             print(f"{what:<16} {step:7.2f} {share} {rss:13.2f}")
         if len(rows) > 1:
             print(
-                f"ours vs TRL: {rows[1][1] / rows[0][1]:.2f}x faster, {rows[0][3] / rows[1][3]:.2f}x the peak memory"
+                f"ours vs TRL: {rows[1][1] / rows[0][1]:.2f}x faster, "
+                f"{rows[0][3] / rows[1][3]:.2f}x the peak memory"
             )
     print(f"load average after the run {os.getloadavg()[0]:.2f}")
 

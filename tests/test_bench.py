@@ -29,6 +29,5 @@ def test_rl_row_reports_step_sampling_and_memory():
     row = re.search(r"^ours +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)$", out.stdout, re.M)
     assert row, out.stdout
     step, sampling, ratio, rss = map(float, row.groups())
-    assert (
-        0 < sampling < step and ratio > 1 and 0.1 < rss < 8
-    )  # a process holding torch: 0.3 GiB and up
+    # a process holding torch: 0.3 GiB and up
+    assert 0 < sampling < step and ratio > 1 and 0.1 < rss < 8
