@@ -217,8 +217,8 @@ def save_hf(model, path, tokenizer=None):
     tensors = {
         key: t.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else t
         for key, t in model.state_dict().items()
-        if key != "lm_head.weight"
-    }  # tied to wte
+        if key != "lm_head.weight"  # tied to wte
+    }
     write_safetensors(os.path.join(path, "model.safetensors"), tensors)
     atomic_write(os.path.join(path, "config.json"), json.dumps(hf_config, indent=2))
     if tokenizer is not None and tokenizer.state()["kind"] != "gpt2":

@@ -12,35 +12,30 @@ live, measured at bench.py's RL shape).
 
 import torch
 
-CHUNK_LOGITS = (
-    2**23
-)  # fp32 logits per chunk (32 MiB): the fastest size on CPU of those we tried (measured)
-KEEP_LOGITS = (
-    2**28
-)  # with grad, softmax values kept for backward, at most (1 GiB): recomputed beyond
+# fp32 logits per chunk (32 MiB): the fastest size on CPU of those we tried (measured)
+CHUNK_LOGITS = 2**23
+# with grad, softmax values kept for backward, at most (1 GiB): recomputed beyond
+KEEP_LOGITS = 2**28
 
 
 class TargetLogprobs(torch.autograd.Function):
-    """log p(y) = z_y - logsumexp(z) in fp32, z = h W^T / temperature, for rows h (N, C) of final hidden
-    states and the tied head W (V, C), CHUNK_LOGITS logits at a time; with entropy also the policy's
-    entropy H = logsumexp(z) - sum_v p_v z_v. Backward needs softmax(z): d log p(y) / dz = onehot(y) -
-    softmax(z). When h needs a gradient, forward keeps the softmax of the first rows in one buffer of at
-    most KEEP_LOGITS values, and backward recomputes the other rows' logits (under CUDA autocast in the
-    forward's precision); otherwise (pi_ref, pi_old, evaluation) no chunk outlives its turn."""
+    """log p(y) = z_y - logsumexp(z) in fp32, z = h W^T / temperature, for rows h (N, C) of final
+    hidden states and the tied head W (V, C), CHUNK_LOGITS logits at a time; with entropy also the
+    policy's entropy H = logsumexp(z) - sum_v p_v z_v. Backward needs softmax(z):
+    d log p(y) / dz = onehot(y) - softmax(z). When h needs a gradient, forward keeps the softmax of
+    the first rows in one buffer of at most KEEP_LOGITS values, and backward recomputes the other
+    rows' logits (under CUDA autocast in the forward's precision); otherwise (pi_ref, pi_old,
+    evaluation) no chunk outlives its turn."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, h, weight, y, temperature, entropy):
         V = weight.size(0)
         rows = max(1, CHUNK_LOGITS // V)
-        ctx.base, kept = keep_buffer(
-            min(len(y), KEEP_LOGITS // V // rows * rows) if ctx.needs_input_grad[0] else 0,
-            V,
-            h.device,
-        )
-        lp, lse, ent = (
-            torch.empty(n, device=h.device) for n in (len(y), len(y), len(y) if entropy else 0)
-        )
+        n_kept = min(len(y), KEEP_LOGITS // V // rows * rows) if ctx.needs_input_grad[0] else 0
+        ctx.base, kept = keep_buffer(n_kept, V, h.device)
+        lp, lse = torch.empty(len(y), device=h.device), torch.empty(len(y), device=h.device)
+        ent = torch.empty(len(y) if entropy else 0, device=h.device)
         for s in (slice(i, min(i + rows, len(y))) for i in range(0, len(y), rows)):
             z = logits_chunk(h[s], weight, temperature)
             top = z.amax(-1, keepdim=True)
@@ -63,20 +58,17 @@ class TargetLogprobs(torch.autograd.Function):
         h, weight, y, lse = ctx.saved_tensors
         grad_h, grad_w, g = torch.empty_like(h), torch.zeros_like(weight), grad / ctx.temperature
         for s in (slice(i, min(i + ctx.rows, len(y))) for i in range(0, len(y), ctx.rows)):
-            p = (
-                ctx.kept[s]
-                if s.stop <= len(ctx.kept)
-                else logits_chunk(h[s], weight, ctx.temperature).sub_(lse[s, None]).exp_()
-            )
-            dz = (
-                p.mul_(-g[s, None]).scatter_add_(1, y[s, None], g[s, None]).to(h.dtype)
-            )  # g (onehot(y) - p)
+            if s.stop <= len(ctx.kept):
+                p = ctx.kept[s]
+            else:
+                p = logits_chunk(h[s], weight, ctx.temperature).sub_(lse[s, None]).exp_()
+            # g (onehot(y) - p)
+            dz = p.mul_(-g[s, None]).scatter_add_(1, y[s, None], g[s, None]).to(h.dtype)
             grad_h[s] = dz @ weight
             grad_w.addmm_(dz.t(), h[s])
-        SPARE[:] = [
-            max(SPARE + [ctx.base], key=torch.numel)
-        ]  # spoilt in place: the next forward may reuse
-        ctx.kept = ctx.base = ctx.kept.new_empty(0)  # it; a second backward recomputes
+        # spoilt in place: the next forward may reuse it; a second backward recomputes
+        SPARE[:] = [max(SPARE + [ctx.base], key=torch.numel)]
+        ctx.kept = ctx.base = ctx.kept.new_empty(0)
         return grad_h, grad_w, None, None, None
 
 

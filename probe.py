@@ -6,7 +6,8 @@ For each problem of a split we run the student's single-turn prompt ("Q: <questi
 inference format) and read the residual stream at named token positions, at every layer
 (0 = embeddings, l = after block l, the last before ln_f):
     positions=event   the last token of event sentence i ("... flips the coin."), one row per event
-    positions=last    the last question token, just before "\nA:" (the query's "?"; swap: the "." after its options)
+    positions=last    the last question token, just before "\nA:" (the query's "?"; swap: the "."
+                      after its options)
     positions=prompt  the last prompt token (the ":" of "A:"), where the answer is produced
 Targets come from the records' latent states (worlds.py: arith the last digit of the count, coin
 the side up, date the month, swap what the asked-about person holds): target=state is the state
@@ -33,8 +34,10 @@ and count the problems whose final answer is the one the other state implies. Ba
 (no edit) and an edit of the same norm along a random direction. The edit is a forward hook on the
 block, applied to generate()'s prefill; generated tokens see it through the KV cache.
 
-    python probe.py --checkpoints=vanilla=out/default/ckpt/sft_qa.pt,exgrpo=out/default/ckpt/rl_exgrpo.pt \
-        --world=coin --target=state --positions=event --seed=1  # -> out/default/probe/probe_coin_state_event*
+    python probe.py \
+        --checkpoints=vanilla=out/default/ckpt/sft_qa.pt,exgrpo=out/default/ckpt/rl_exgrpo.pt \
+        --world=coin --target=state --positions=event --seed=1
+        # -> out/default/probe/probe_coin_state_event*
 
 Names: a *linear probe* is a classifier on hidden states; an *EI probe* is a question made by
 Explanatory Inversion (invert.py). This file only has the first kind.
@@ -65,43 +68,37 @@ from tokenizer import decode_generated
 
 @dataclass
 class Config:
+    # [label=]path, comma-separated
     checkpoints: str = (
         "vanilla=out/default/ckpt/sft_qa.pt,ei_sft=out/default/ckpt/sft_ei.pt,"
         "exgrpo=out/default/ckpt/rl_exgrpo.pt"
-    )  # [label=]path, comma-separated
-    data: str = (
-        "out/default/data"  # a run's data folder (reads {data}/{split}.jsonl) or a .jsonl file
     )
-    split: str = (
-        "test_id"  # which split's problems to probe (never the ones the students trained on)
-    )
+    # a run's data folder (reads {data}/{split}.jsonl) or a .jsonl file
+    data: str = "out/default/data"
+    # which split's problems to probe (never the ones the students trained on)
+    split: str = "test_id"
     world: str = "coin"  # arith | coin | date | swap
-    target: str = (
-        "state"  # state (latent state after each event / final) | answer (final answer class)
-    )
+    # state (latent state after each event / final) | answer (final answer class)
+    target: str = "state"
     positions: str = "event"  # event | last (last question token) | prompt (last prompt token)
     out_dir: str = "out/default/probe"
     max_problems: int = 1000  # 0 = all problems of the world in the split
     train_frac: float = 0.7  # fraction of problems (not rows) whose rows train the probe
-    seed: int = (
-        1337  # the split, controls, untrained reference ('init:') and edits: pass the run's seed
-    )
+    # the split, controls, untrained reference ('init:') and edits: pass the run's seed
+    seed: int = 1337
     batch_size: int = 32
     iters: int = 500  # full-batch AdamW steps per probe (fixed: no early stopping on test)
     controls: int = 5  # shuffled-label controls per layer, averaged (one shuffle is noisy)
     lr: float = 0.01
     weight_decay: float = 0.1
-    intervene: bool = (
-        True  # the causal test, where it applies (coin and swap, positions=event, target=state)
-    )
-    intervene_layers: str = (
-        ""  # hidden layers to edit, comma-separated; "" = 1..n_layer-1 (after the last
-    )
-    # block an edit at a prompt token reaches no later token)
+    # the causal test, where it applies (coin and swap, positions=event, target=state)
+    intervene: bool = True
+    # hidden layers to edit, comma-separated; "" = 1..n_layer-1 (after the last block an edit at a
+    # prompt token reaches no later token)
+    intervene_layers: str = ""
     alphas: str = "0,1,2,4,8"  # edit sizes in units of the class-mean gap at that layer
-    intervene_problems: int = (
-        60  # test problems edited (each answered once per layer, alpha and direction)
-    )
+    # test problems edited (each answered once per layer, alpha and direction)
+    intervene_problems: int = 60
     max_new_tokens: int = 64
     device: str = "auto"
     threads: int = 0  # 0 = torch's default
@@ -118,10 +115,8 @@ LIMITS = dict(
     ),
     **dict.fromkeys(("max_problems", "seed", "weight_decay", "threads"), "[0, inf)"),
 )
-INTERVENE_WORLDS = (
-    "coin",
-    "swap",
-)  # where a latent state implies one answer (arith's last digit and date's month do not)
+# where a latent state implies one answer (arith's last digit and date's month do not)
+INTERVENE_WORLDS = ("coin", "swap")
 
 # ---------------------------------------------------------------------------------------------
 # which token, which label
@@ -146,7 +141,8 @@ def probe_rows(tok, record, positions, target):
     states, ends = latent["states"], latent["event_ends"]
     if len(states) != len(ends) + 1:
         raise SystemExit(
-            f"record {record['id']}: {len(states)} latent states for {len(ends)} events (want events + 1)"
+            f"record {record['id']}: {len(states)} latent states for {len(ends)} events "
+            "(want events + 1)"
         )
     ids = prompt_ids(tok, record["question"])
     char_ends = token_char_ends(tok, ids)
@@ -173,9 +169,8 @@ def control_types(record, positions):
     q, ends = record["question"], record["latent"]["event_ends"]
     types = []
     for end in ends:
-        start = q.rfind(
-            ". ", 0, end - 1
-        )  # where the sentence before ends; -1: the event opens the question
+        # where the sentence before ends; -1: the event opens the question
+        start = q.rfind(". ", 0, end - 1)
         sentence = q[start + 2 if start >= 0 else 0 : end]
         types.append(sentence.split()[0] if record["world"] in ("coin", "swap") else sentence)
     return types if positions == "event" else types[-1:]
@@ -227,7 +222,8 @@ def standardise(x_train, x_test):
 
 
 def fit_linear_probe(x, y, n_classes, iters, lr, weight_decay):
-    """Softmax regression, full batch. Zero init: the loss is convex, so the fit is deterministic."""
+    """Softmax regression, full batch. Zero init: the loss is convex, so the fit is
+    deterministic."""
     W = torch.zeros(x.size(1), n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.AdamW([W, b], lr=lr, weight_decay=weight_decay)
@@ -376,16 +372,16 @@ def answers_under_edit(model, tok, cases, max_new_tokens, layer=None, delta=None
     delta is None."""
     prompts = [c["prompt"] for c in cases]
     longest = max(map(len, prompts))
-    positions = torch.tensor(
-        [longest - len(p) + c["token"] for p, c in zip(prompts, cases)]
-    )  # generate left-pads
+    # generate left-pads
+    positions = torch.tensor([longest - len(p) + c["token"] for p, c in zip(prompts, cases)])
     with nullcontext() if delta is None else residual_edit(model, layer, positions, delta):
         tokens, mask = model.generate(prompts, max_new_tokens, temperature=0, eot=tok.eot)
     return decode_generated(tok, tokens, mask)
 
 
 def count_flips(cases, texts):
-    """(share whose final answer is the one the target state implies, share with any final answer)"""
+    """(share whose final answer is the one the target state implies, share with any final
+    answer)"""
     flips = [
         is_correct(c["record"]["world"], t, c["implied"], c["record"]["question"])
         for c, t in zip(cases, texts)
@@ -397,22 +393,18 @@ def count_flips(cases, texts):
 def intervene(model, tok, cases, x_train, y_train, layers, alphas, seed, max_new_tokens):
     """Flip rates per layer and alpha, toward the other state and along random directions of the
     same norm (one per case). x_train[l] (N, C): the probe's train rows at hidden layer l."""
-    plain = count_flips(
-        cases, answers_under_edit(model, tok, cases, max_new_tokens)
-    )  # alpha = 0: no hook at all
+    # alpha = 0: no hook at all
+    plain = count_flips(cases, answers_under_edit(model, tok, cases, max_new_tokens))
     g = torch.Generator().manual_seed(seed)
-    state, target = (
-        torch.tensor([c["state"] for c in cases]),
-        torch.tensor([c["target"] for c in cases]),
-    )
+    state = torch.tensor([c["state"] for c in cases])
+    target = torch.tensor([c["target"] for c in cases])
     out = {"toward": [], "random": [], "answered": []}
     for layer in tqdm(layers, desc="interventions", leave=False):
         means = torch.stack(
             [x_train[layer][y_train == k].mean(0) for k in range(int(y_train.max()) + 1)]
         )
-        toward = (
-            means[target] - means[state]
-        )  # (B, C): alpha = 1 moves the state's mean onto the target's
+        # (B, C): alpha = 1 moves the state's mean onto the target's
+        toward = means[target] - means[state]
         rand = torch.randn(toward.shape, generator=g)
         rand *= toward.norm(dim=1, keepdim=True) / rand.norm(dim=1, keepdim=True)
         for name, direction in (("toward", toward), ("random", rand)):
@@ -459,7 +451,8 @@ def select_records(cfg):
 
 
 def tokenised_rows(tok, records, cfg, ckpt, path):
-    """Prompts, (prompt index, token index) rows, their labels, control types and problem ids, merged positions."""
+    """Prompts, (prompt index, token index) rows, their labels, control types and problem ids,
+    merged positions."""
     seqs, rows, labels, types, problems, merged = [], [], [], [], [], 0
     for r in records:
         try:
@@ -481,13 +474,15 @@ def tokenised_rows(tok, records, cfg, ckpt, path):
 def untrained(config, seed, device):
     """The checkpoint's architecture at fresh weights drawn from the run's seed: what a probe reads
     from token identity and position through random features alone (measured: coin's state at
-    event positions 0.72, majority 0.47). One network per seed, as each seed trains its own students."""
+    event positions 0.72, majority 0.47). One network per seed, as each seed trains its own
+    students."""
     torch.manual_seed(seed)
     return GPT(config).to(device)
 
 
 def split_and_labels(result, labels, types, problems, cfg):
-    """Train mask, task labels and control-task labels (class indices); fills the result's header."""
+    """Train mask, task labels and control-task labels (class indices); fills the result's
+    header."""
     train = split_by_problem(problems, cfg.train_frac, cfg.seed)
     if train.all() or not train.any():
         raise SystemExit(
@@ -521,7 +516,8 @@ def edit_plan(cfg, n_layer):
     layers = [int(l) for l in cfg.intervene_layers.split(",") if l] or list(range(1, n_layer))
     if not all(0 <= l <= n_layer for l in layers):
         raise SystemExit(
-            f"intervene_layers must lie in 0..{n_layer} (0 = embeddings), got {cfg.intervene_layers}"
+            f"intervene_layers must lie in 0..{n_layer} (0 = embeddings), "
+            f"got {cfg.intervene_layers}"
         )
     return layers, [float(a) for a in cfg.alphas.split(",")]
 
@@ -545,9 +541,8 @@ def run_probes(cfg, checkpoints, path, records):
         if ckpt.startswith("init:"):
             model = untrained(model.config, cfg.seed, device)
         seqs, rows, labels, types, problems, merged = tokenised_rows(tok, records, cfg, ckpt, path)
-        if (
-            "classes" not in result
-        ):  # labels and problems depend on the records only: one split for all
+        # labels and problems depend on the records only: one split for all
+        if "classes" not in result:
             train, y, y_control, classes = split_and_labels(result, labels, types, problems, cfg)
         feats = collect_hidden(model, seqs, rows, cfg.batch_size, device)
         layers = [
@@ -646,7 +641,8 @@ def plot_intervention(result, path):
     axes[0][0].set_ylabel("flip rate (answer of the other state)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(
-        f"{result['world']}: edit toward the other state at the last event ({plan['problems']} problems)"
+        f"{result['world']}: edit toward the other state at the last event "
+        f"({plan['problems']} problems)"
     )
     save(fig, path)
 

