@@ -62,6 +62,10 @@ LIMITS = dict(port="[0, 65535]", threads="[0, inf)", batch_rows="[1, inf)")
 MAX_STOPS = 4  # as OpenAI's API
 MAX_BODY = 16 * 2**20  # bytes of a request body; a chat that long is far past any context here
 POLL_S = 0.25  # how often a waiting handler looks whether its client is still there
+# a batch starts once no request has come for QUIET_S, at most GATHER_S after its first one:
+# clients that send together decode together (the later ones would otherwise wait for the whole
+# batch that started without them), for QUIET_S more latency to a request that comes alone
+QUIET_S, GATHER_S = 0.01, 0.05
 
 
 class BadRequest(Exception):
@@ -369,9 +373,10 @@ class Server:
         later = []  # jobs that did not fit in the last batch: first in the next one
         while True:
             jobs = later or [self.waiting.get()]
-            while True:
+            deadline = time.monotonic() + GATHER_S
+            while time.monotonic() < deadline:
                 try:
-                    jobs.append(self.waiting.get_nowait())
+                    jobs.append(self.waiting.get(timeout=QUIET_S))
                 except queue.Empty:
                     break
             if None in jobs:
