@@ -295,7 +295,7 @@ class Server:
         self.name = cfg.name or os.path.basename(cfg.init.rstrip("/")).removesuffix(".pt")
         self.batch_rows = cfg.batch_rows
         self.waiting = queue.SimpleQueue()
-        # requests, batches, rows, tokens (decoded), hung_up: what the log and the tests read
+        # counts of the requests, batches, rows, tokens decoded and clients that hung up
         self.stats, self.lock = Counter(), threading.Lock()
         self.decoder = threading.Thread(target=self.decode_forever, daemon=True)
         self.decoder.start()
@@ -450,7 +450,7 @@ class Server:
             with torch.autocast(device.type, enabled=False):
                 logits = model.lm_head(h[live])
             nxt = torch.full((B,), tok.eot, dtype=torch.long, device=device)
-            # one draw per temperature: the rows that share it, through GPT.generate's sampler
+            # GPT.generate's sampler, called once per temperature on the rows that share it
             alike = {}
             for k, i in enumerate(live.tolist()):
                 alike.setdefault(rows[i].request.temperature, []).append(k)
@@ -507,9 +507,8 @@ def error_body(message, kind="invalid_request_error", param=None, code=None):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    timeout = (
-        60  # seconds a client may take to send its request: a stalled one does not pin a thread
-    )
+    # seconds a client may take to send its request: a stalled one does not pin a thread
+    timeout = 60
 
     def do_GET(self):
         if self.path.rstrip("/") != "/v1/models":
@@ -557,7 +556,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if size > MAX_BODY:
             self.unread()
             raise BadRequest(413, f"the request body is {size} bytes; at most {MAX_BODY} here")
-        raw = self.rfile.read(size)
+        try:
+            raw = self.rfile.read(size)
+        except OSError:  # it stalled (timed out) or went away
+            self.close_connection = True
+            raise BadRequest(
+                408, f"the request body did not come within {self.timeout} s"
+            ) from None
         if len(raw) < size:
             raise BadRequest(400, f"the request body ended at {len(raw)} of its {size} bytes")
         try:

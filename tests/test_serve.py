@@ -146,12 +146,15 @@ def test_an_unknown_model_and_a_bad_header_are_answered_not_dropped(server, clie
         ("Content-Length: -5\r\n", 400, "got '-5'"),
         ("Transfer-Encoding: chunked\r\n", 411, "not chunked"),
         ("Content-Length: 11\r\n", 400, "is not JSON"),
+        ("Content-Length: 100\r\n", 400, "the request body ended at 11 of its 100 bytes"),
     ):
         with socket.create_connection(("127.0.0.1", server.server_port), timeout=10) as s:
             s.sendall(
                 f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode()
                 + b"{not json!}"
             )
+            if "100" in headers:  # the client sends no more: its body is short
+                s.shutdown(socket.SHUT_WR)
             got = b""
             while chunk := s.recv(65536):
                 got += chunk
@@ -214,6 +217,14 @@ def test_n_choices_are_rows_of_one_batch(server, client):
     assert reasons == {0: "length", 1: "length", 2: "length"}
 
 
+def first_words(stream):
+    """Read a stream up to its first content: its batch is decoding (its role chunk comes
+    earlier)."""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            return
+
+
 def wait_for(condition, seconds=10.0):
     deadline = time.monotonic() + seconds
     while not condition():
@@ -228,9 +239,7 @@ def test_a_client_that_hangs_up_frees_its_row_and_the_others_are_served(server, 
     hung_up, tokens = stats["hung_up"], stats["tokens"]
     with ThreadPoolExecutor(1) as pool:
         with create(client, seed=1, max_completion_tokens=990, stream=True) as stream:
-            for chunk in stream:  # the first words, then the client goes
-                if chunk.choices and chunk.choices[0].delta.content:
-                    break
+            first_words(stream)  # then the client goes
             served = pool.submit(lambda: text_of(create(client, stream=True, **other)))
         wait_for(lambda: stats["hung_up"] == hung_up + 1)
         contents, reasons, _, _ = served.result(timeout=60)
@@ -269,7 +278,7 @@ def test_concurrent_clients_join_one_batch_and_write_what_they_write_alone(serve
     with ThreadPoolExecutor(len(requests)) as pool:
         # a long request decodes while the others arrive: they wait, then go as one batch
         with create(client, seed=1, max_completion_tokens=990, stream=True) as blocker:
-            next(iter(blocker))
+            first_words(blocker)
             futures = [pool.submit(answer, kw) for kw in requests]
             wait_for(lambda: stats["requests"] == asked + len(requests))
             for _ in blocker:
