@@ -326,7 +326,8 @@ class GPT(nn.Module):
     def compile_decode(self):
         """Have generate decode through a compiled step (StaticDecode): on CUDA it is captured as a
         CUDA graph. On CPU the step stays eager, with one note: there the fixed-shape step, which
-        attends over every slot, made an RL step of the default preset 3.4x slower (measured)."""
+        attends over every slot, made an RL step of the default preset 3.7x slower (median 15.9 s
+        against 4.3 s eager, sampling 12.8 s against 2.0 s; measured on 2 cores)."""
         if self.transformer.wte.weight.device.type == "cpu":
             print(
                 "note: the decode step stays eager on CPU (compiled, at fixed shapes, it attends "
