@@ -283,7 +283,7 @@ class GPT(nn.Module):
             live = (~done).nonzero().squeeze(1)
             nxt = torch.full((N,), eot, dtype=torch.long, device=device)
             # fp32 logits, as scoring has: the policy that samples is the one scored
-            # (README, "On a GPU")
+            # (docs/gpu.md)
             with torch.autocast(device.type, enabled=False):
                 logits = self.lm_head(h[live])
             nxt[live] = sample_next(logits, temperature, top_k, None if u is None else u[live])

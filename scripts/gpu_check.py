@@ -1,6 +1,6 @@
 """
 The GPU check: the GPU preset's pipeline top to bottom with reduced steps, timed and measured, into
-one JSON (the README's GPU section compares it with its estimate).
+one JSON (docs/gpu.md compares it with its estimate).
 
     # one GPU: GPT-2 124M from OpenAI's weights, under 10 minutes
     bash scripts/gpu_check.sh
