@@ -411,16 +411,20 @@ def test_bf16_autocast_path_on_cpu(data_dir):
     assert stats.kl == 0.0 and stats.clipped == 0.0 and math.isfinite(stats.loss)
 
 
-def test_compile_wraps_the_training_forward_and_the_decode_step(data_dir, monkeypatch):
-    """compile=True: the gradient's forward goes through torch.compile (dynamo with its eager
-    backend here: inductor takes a minute on CPU), and on CPU the decode step stays eager (compiled
-    it was measured slower there); the losses stay the golden ones and the checkpoint's keys are
-    the plain model's."""
+def test_compile_wraps_the_training_forward_and_the_decode_step(data_dir, monkeypatch, capsys):
+    """compile=True where it pays (forced here; a GPU in use): the gradient's forward goes through
+    torch.compile (dynamo with its eager backend here: inductor takes a minute on CPU), the losses
+    stay the golden ones and the checkpoint's keys are the plain model's. On CPU, where it was
+    measured slower, compile=True changes nothing and says so."""
     compiled, real = [], torch.compile
     monkeypatch.setattr(
         torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, backend="eager")
     )
+    sft(data_dir, "--max_iters=1", "--name=cpu_compile", "--compile=True", "--eval_interval=2")
+    assert compiled == [] and "--compile=True is ignored on CPU" in capsys.readouterr().out
+    monkeypatch.setattr(distill_rl, "compile_pays", lambda device: True)
     model = sft(data_dir, "--max_iters=2", "--name=compiled", "--compile=True", "--eval_interval=2")
+    # the decode step stays eager on CPU (model.compile_decode), so only the forward is compiled
     assert compiled == [model] and model.static_decode is None
     assert [r["loss"] for r in log(data_dir, "compiled")] == pytest.approx(
         GOLDEN_SFT_LOSSES[:2], rel=1e-5
