@@ -79,6 +79,7 @@ from training import (
     init_student,
     load_data,
     optimizer_step,
+    progress,
     run_lock,
     setup_ddp,
     unwrap,
@@ -214,13 +215,7 @@ def train_sft(cfg, model, tok, device, rank, world_size):
     step = run.start(raw_model, optimizer)
     if run.done(step, cfg.max_iters):
         return
-    bar = tqdm(
-        range(step, cfg.max_iters),
-        desc=f"sft {cfg.name}",
-        disable=rank != 0,
-        initial=step,
-        total=cfg.max_iters,
-    )
+    bar = progress(step, cfg.max_iters, f"sft {cfg.name}", rank)
     for step in bar:
         t0 = time.time()
         # per-step seed: the batch depends on (seed, step, rank) only, so a resumed run is identical
@@ -737,13 +732,7 @@ def train_rl(cfg, model, tok, device, rank, world_size):
     with mixed_precision(device, cfg.dtype):  # the difficulty filter's greedy answers
         pool, counts = rl_questions(cfg, train, ref, tok, rank)
     raw_model.eval()  # dropout off for sampling and scoring
-    bar = tqdm(
-        range(start, cfg.rl_steps),
-        desc=f"rl {cfg.name}",
-        disable=rank != 0,
-        initial=start,
-        total=cfg.rl_steps,
-    )
+    bar = progress(start, cfg.rl_steps, f"rl {cfg.name}", rank)
     for step in bar:
         t0 = time.time()
         # per-step seeds, so a resumed run is exact; one draw of questions for all ranks, then

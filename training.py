@@ -22,6 +22,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from configurator import UserError, atomic_write, check_fields, file_lock
 from model import (
@@ -373,6 +374,11 @@ def check_config(cfg, world_size):
         if not ok:
             raise SystemExit(message)
     check_fresh(cfg)
+
+
+def progress(first, total, desc, rank):
+    """The steps first..total-1 with a tqdm bar that starts at first (a resumed run), on rank 0."""
+    return tqdm(range(first, total), desc=desc, disable=rank != 0, initial=first, total=total)
 
 
 def get_lr(step, cfg, peak, total, warmup):
