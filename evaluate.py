@@ -86,8 +86,8 @@ LABELS = {
 # loss on their own
 BASELINES = ("sft_qa", "sft_ei")
 PAIRS = (("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo_nobonus", "rl_exgrpo_plain"))
-# the comparisons whose power the report states (README, "The RL study"): the whole method against
-# its SFT student, the DSU bonus on its own, and the whole method against plain SFT
+# the comparisons whose power the report states (results/README.md, "The RL study"): the whole
+# method against its SFT student, the DSU bonus on its own, and the whole method against plain SFT
 COMPARISONS = (("rl_exgrpo", "sft_ei"), ("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo", "sft_qa"))
 SFT_CURVES = ("val_loss", "val_acc")
 RL_CURVES = ("reward", "acc_full", "kl", "frac_zero_std", "dsu_fire_rate")
@@ -1026,8 +1026,8 @@ def write_report(scores, report_dir, analysis):
     # one training run per row: no spread over seeds, no interval that speaks for the method
     if len(seeds) <= 1:
         header += (
-            " **One seed: a demonstration of the pipeline, not a result.** A study over seeds (the "
-            "README's reproduction studies) is what can tell the rows apart."
+            " **One seed: a demonstration of the pipeline, not a result.** A study over seeds "
+            "(those of results/README.md) is what can tell the rows apart."
         )
     out = (
         ["# Evaluation report", "", header, ""]
