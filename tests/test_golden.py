@@ -15,6 +15,7 @@ import platform
 
 import pytest
 import torch
+from test_distill_rl import NANO
 
 import distill_rl
 import invert
@@ -22,14 +23,8 @@ from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, "tests", "golden.json")
-TINY = [
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=32",
-    "--block_size=768",
-    "--threads=1",
-    "--device=cpu",
-]
+# the tiny student of the other stage 2-3 tests
+TINY = NANO
 # 150 SFT steps: a student that answers some coin questions, so RL groups have a reward spread
 SFT = ["--stage=sft", "--data=ei", "--batch_size=16", "--max_iters=150", "--warmup_iters=10"]
 RL = ["--stage=rl", "--algo=exgrpo", "--rl_batch_size=4", "--group_size=4", "--k=2", "--rl_steps=3"]
