@@ -58,6 +58,8 @@ class Config:
     # comma-separated folders of saved results (results.json + logs/, one per seed, as a study
     # commits them): the report from those, no checkpoint needed
     from_results: str = ""
+    # committed results.json of multi-seed studies: the report sets its differences beside theirs
+    studies: str = ""
     device: str = "auto"
     threads: int = 0  # torch threads; 0 = torch's default
 
@@ -89,6 +91,10 @@ PAIRS = (("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo_nobonus", "rl_exgrpo_pl
 # the comparisons whose power the report states (results/README.md, "The RL study"): the whole
 # method against its SFT student, the DSU bonus on its own, and the whole method against plain SFT
 COMPARISONS = (("rl_exgrpo", "sft_ei"), ("rl_exgrpo", "rl_exgrpo_nobonus"), ("rl_exgrpo", "sft_qa"))
+# the RL study's stopping rule (results/README.md): at least MIN_SEEDS seeds, and both of these
+# comparisons resolved to an MDE of MDE_TARGET points, or MAX_SEEDS seeds
+MIN_SEEDS, MAX_SEEDS = 5, 20
+COUNTED = (("rl_exgrpo", "sft_ei"), ("rl_exgrpo", "rl_exgrpo_nobonus"))
 SFT_CURVES = ("val_loss", "val_acc")
 RL_CURVES = ("reward", "acc_full", "kl", "frac_zero_std", "dsu_fire_rate")
 # the data-efficiency lines, baselines first
@@ -578,14 +584,20 @@ def accuracy_sections(methods, order, splits, report_dir):
     ]
 
 
+def report_pairs(order):
+    """The (a, b) pairs whose difference a − b the report gives: every row against both SFT
+    baselines, then the bonus and the aux loss on their own."""
+    pairs = [(m, b) for b in BASELINES if b in order for m in order if m not in (b, BASELINES[0])]
+    return pairs + [(a, b) for a, b in PAIRS if a in order and b in order]
+
+
 def difference_section(methods, order, splits, report_dir):
     """Paired bootstrap CIs of accuracy differences (percentage points), per split and over all of
     them: each method against vanilla SFT and EI-SFT, and the bonus and aux rows against the row
     below them. Pairs are matched by run folder (seed). The all-splits intervals are also drawn."""
     # the data-efficiency rows have their own section
     order = [m for m in order if not any(partial(e) for e in methods[m])]
-    pairs = [(m, b) for b in BASELINES if b in order for m in order if m not in (b, BASELINES[0])]
-    pairs += [(a, b) for a, b in PAIRS if a in order and b in order]
+    pairs = report_pairs(order)
     if not pairs:
         return []
     answered = {m: answers(methods[m]) for m in order}
@@ -684,6 +696,91 @@ def power_section(analysis):
         if grid
         else []
     )
+
+
+def interim(saved):
+    """Whether a committed study is still short of its stopping rule. Only the RL study has one
+    (its results.json has a power section); the first study's five seeds were fixed in advance."""
+    if "power" not in saved:
+        return False
+    seeds = len({e["run"] for e in saved["checkpoints"].values()})
+    rows = [saved["power"].get(f"{a} - {b}", {}) for a, b in COUNTED]
+    small = all(r.get("mde") is not None and r["mde"] <= MDE_TARGET for r in rows)
+    return seeds < MAX_SEEDS and not (seeds >= MIN_SEEDS and small)
+
+
+def study_reading(mine, theirs, unfinished):
+    """What a study's interval says of this report's difference of the same two rows."""
+    if unfinished:
+        return "interim: the study has not reached its stopping rule"
+    if not theirs.excludes_zero():
+        return "the study finds them not separable"
+    if not mine.excludes_zero():
+        return "inside the noise here; the study resolves it"
+    if (mine.mean > 0) != (theirs.mean > 0):
+        return "**the study resolves it the other way**"
+    return "**confirmed** by the study"
+
+
+def studies_section(methods, order, splits, paths):
+    """This report's differences over all splits beside the same two rows' difference in committed
+    multi-seed studies (their results.json), where a study trained both rows on the same share of
+    the training questions (its data-efficiency rows count: sft_ei_f10 is sft_ei at 10%). The
+    study's interval pools every split it scored both rows on."""
+    rows = []
+    mine = {m: answers(methods[m]) for m in order}
+    pairs = report_pairs(order)
+    studies = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            raise SystemExit(f"--studies: {path} does not exist (a study's committed results.json)")
+        saved = json.load(open(path, encoding="utf-8"))
+        studies[path] = ([Entry(**e) for e in saved["checkpoints"].values()], interim(saved))
+    for a, b in pairs:
+        ci = paired_interval(mine[a], mine[b], splits)
+        at = share(methods[a][0])
+        for path, (entries, unfinished) in studies.items():
+            row = lambda name: [
+                e for e in entries if row_name(e.name).row == name and share(e) == at
+            ]
+            if ci is None or not row(a) or not row(b):
+                continue
+            # in the study's own split order, so that its interval is the one its report gives
+            scored = [s for s in row(a)[0].correct if all(s in e.correct for e in row(a) + row(b))]
+            theirs = paired_interval(answers(row(a)), answers(row(b)), scored)
+            if theirs is None:
+                continue
+            seeds = len({e.run for e in row(a)} & {e.run for e in row(b)})
+            where = "every split" if set(scored) == set(splits) else ", ".join(scored)
+            # the studies' RL budgets differ from a main job's: say which one the study ran
+            c = row(a)[0].config
+            budget = (
+                f", {c['rl_steps']} RL steps of {c['rl_batch_size']}" if c["stage"] == "rl" else ""
+            )
+            rows.append(
+                [
+                    f"{label(a)} − {label(b)}",
+                    ci_cell(ci),
+                    f"`{path}`: {seeds} seeds, {where}{budget}",
+                    ci_cell(theirs),
+                    study_reading(ci, theirs, unfinished),
+                ]
+            )
+    if not rows:
+        return []
+    header = ["difference", "this report", "study: seeds, splits", "in the study", "reading"]
+    return [
+        "## What the multi-seed studies say of these differences",
+        "",
+        "Each difference over all splits, in points with its 95% paired interval, beside the same "
+        "two rows trained on the same share of the questions in the project's committed studies "
+        "(results/README.md). One seed can rank rows by chance: a difference is confirmed only "
+        "where a study resolves it with the same sign. The studies' RL rows trained longer than a "
+        "main job's.",
+        "",
+        md_table(header, rows),
+        "",
+    ]
 
 
 def training_logs(entries, name):
@@ -1003,7 +1100,7 @@ def intervention_table(first, mean):
     ]
 
 
-def write_report(scores, report_dir, analysis):
+def write_report(scores, report_dir, analysis, studies=()):
     runs, entries, settings = scores.runs, scores.entries, scores.settings
     splits = settings.splits
     methods = {}
@@ -1033,6 +1130,7 @@ def write_report(scores, report_dir, analysis):
         ["# Evaluation report", "", header, ""]
         + accuracy_sections(methods, order, splits, report_dir)
         + difference_section(methods, order, splits, report_dir)
+        + studies_section(methods, order, splits, studies)
         + power_section(analysis)
         + rl_section(methods, order)
         + probe_section(methods, order, report_dir, settings.probe_problems)
@@ -1061,7 +1159,7 @@ def main(argv):
         "power": {f"{a} - {b}": asdict(c) for (a, b), c in analysis.items()},
     }
     atomic_write(results_path, json.dumps(results, indent=1))
-    write_report(scores, report_dir, analysis)
+    write_report(scores, report_dir, analysis, [p for p in cfg.studies.split(",") if p])
     print(
         f"wrote {os.path.join(report_dir, 'report.md')} "
         f"({len(scores.entries)} checkpoints from {len(scores.runs)} folder(s))"

@@ -2,6 +2,7 @@
 out_dir = "out/quick"
 worlds = "coin"
 n_train, n_val, n_test, n_ood = 64, 16, 16, 16
+data_fraction = 1.0  # 10% of 64 questions would leave the RL stage too few
 n_layer, n_head, n_embd = 2, 2, 32
 max_iters = 30
 eval_interval = 1000

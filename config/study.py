@@ -7,3 +7,8 @@
 rl_steps = 60
 rl_batch_size = 8
 rl_lr = 5e-5
+# The studies' values of the settings config/cpu_tiny.py has since changed for run.sh, so that
+# both studies rerun as they ran.
+data_fraction = 1.0
+batch_size = 16
+rl_candidates = 256
