@@ -68,12 +68,14 @@ for seed in $seeds; do
         >> $run/train.log 2>&1 || failed
     wait $core1 || failed
     stamp "trained: per-step metrics in $run/logs"
-    # linear probes on the students' hidden states (coin, the headline world), beside the evaluation below
+    # linear probes on the students' hidden states (coin, the headline world), beside the evaluation
+    # below, sized to take no longer than it (3 control tasks, 30 problems edited)
     # (untrained = the same architecture with fresh weights: what a probe reads without any training)
     ckpts=untrained=init:$run/ckpt/sft_qa.pt,vanilla=$run/ckpt/sft_qa.pt,ei_sft=$run/ckpt/sft_ei.pt,exgrpo=$run/ckpt/rl_exgrpo.pt
     python probe.py --checkpoints=$ckpts --data=$run/data --world=coin --target=state --positions=event \
         --out_dir=$run/probe --threads=1 --seed=$seed \
-        $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1 --intervene_problems=8 --alphas=0,4" ) \
+        $( [ -n "$quick" ] && echo "--max_problems=40 --iters=100 --controls=1 --intervene_problems=8 --alphas=0,4" \
+            || echo "--controls=3 --intervene_problems=30" ) \
         > $run/probe.log 2>&1 &
     probes="$probes $!"
 done
