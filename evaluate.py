@@ -722,11 +722,12 @@ def study_reading(mine, theirs, unfinished):
     return "**confirmed** by the study"
 
 
-def studies_section(methods, order, splits, paths):
+def studies_section(methods, order, splits, paths, report_dir):
     """This report's differences over all splits beside the same two rows' difference in committed
     multi-seed studies (their results.json), where a study trained both rows on the same share of
     the training questions (its data-efficiency rows count: sft_ei_f10 is sft_ei at 10%). The
-    study's interval pools every split it scored both rows on."""
+    study's interval pools every split it scored both rows on; its results.json is linked from
+    the report."""
     rows = []
     mine = {m: answers(methods[m]) for m in order}
     pairs = report_pairs(order)
@@ -757,11 +758,12 @@ def studies_section(methods, order, splits, paths):
             budget = (
                 f", {c['rl_steps']} RL steps of {c['rl_batch_size']}" if c["stage"] == "rl" else ""
             )
+            link = os.path.relpath(path, report_dir)  # from the report to the committed file
             rows.append(
                 [
                     f"{label(a)} − {label(b)}",
                     ci_cell(ci),
-                    f"`{path}`: {seeds} seeds, {where}{budget}",
+                    f"[{path}]({link}): {seeds} seeds, {where}{budget}",
                     ci_cell(theirs),
                     study_reading(ci, theirs, unfinished),
                 ]
@@ -1130,7 +1132,7 @@ def write_report(scores, report_dir, analysis, studies=()):
         ["# Evaluation report", "", header, ""]
         + accuracy_sections(methods, order, splits, report_dir)
         + difference_section(methods, order, splits, report_dir)
-        + studies_section(methods, order, splits, studies)
+        + studies_section(methods, order, splits, studies, report_dir)
         + power_section(analysis)
         + rl_section(methods, order)
         + probe_section(methods, order, report_dir, settings.probe_problems)

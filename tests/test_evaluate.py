@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import evaluate
+import stats
 from model import GPT, PRESETS, GPTConfig, save_checkpoint
 from tasks import prompt_ids, response_ids
 from tokenizer import CompactTokenizer
@@ -772,3 +773,50 @@ def test_the_first_study_report_from_its_committed_results(tmp_path, monkeypatch
     for title in titles:
         if title != "Power":  # the power section came after the first study
             assert numbers(section(report, title)) == numbers(section(committed, title)), title
+
+
+def test_study_reading_by_hand():
+    """What a committed study's interval says of a one-seed difference, each case by hand."""
+    ci = lambda mean, lo, hi: stats.Interval(mean, lo, hi)
+    read = evaluate.study_reading
+    assert read(ci(5, 1, 9), ci(3, 1, 5), unfinished=True).startswith("interim")
+    assert read(ci(5, 1, 9), ci(1, -1, 3), unfinished=False).endswith("not separable")
+    assert read(ci(5, -1, 9), ci(3, 1, 5), unfinished=False).startswith("inside the noise")
+    assert read(ci(-5, -9, -1), ci(3, 1, 5), unfinished=False).endswith("the other way**")
+    assert read(ci(5, 1, 9), ci(3, 1, 5), unfinished=False) == "**confirmed** by the study"
+
+
+def test_studies_section_sets_the_report_beside_the_committed_studies(tmp_path):
+    """--studies: each of the report's differences beside the same rows of a committed study
+    trained on the same share of the questions, the study's interval equal to the one its own
+    report gives (the RL study's EI-SFT − vanilla SFT over 5 seeds: README's findings table), the
+    study linked from the report, and an unfinished study read as interim."""
+    seed1 = os.path.join(ROOT, "results", "rl_study", "seed1")
+    studies = ["results/study.json", "results/rl_study/report/results.json"]
+    evaluate.main(
+        [
+            f"--out_dir={tmp_path}",
+            f"--from_results={seed1}",
+            "--studies=" + ",".join(os.path.join(ROOT, p) for p in studies),
+        ]
+    )
+    report = open(tmp_path / "report" / "report.md").read()
+    section = report.split("## What the multi-seed studies say")[1].split("\n## ")[0]
+    rows = [r for r in section.splitlines() if r.startswith("| EI-SFT (sft_ei) − vanilla SFT")]
+    rl_study = [r for r in rows if "rl_study" in r]
+    assert len(rl_study) == 1, rows
+    cells = [c.strip() for c in rl_study[0].strip("|").split("|")]
+    assert cells[3] == "+18.6 [+14.0, +23.2] *"
+    assert cells[4] == "interim: the study has not reached its stopping rule"
+    # the first study trained its 10% rows as sft_ei_f10 and sft_qa_f10: they count at 10%
+    assert any("results/study.json" in r for r in rows)
+    link = re.search(r"\]\(([^)]+rl_study[^)]+)\)", rl_study[0]).group(1)
+    assert os.path.isfile(os.path.join(tmp_path, "report", link))
+
+
+def test_a_missing_study_is_one_clear_sentence(tmp_path):
+    seed1 = os.path.join(ROOT, "results", "rl_study", "seed1")
+    with pytest.raises(SystemExit, match="--studies: .*nowhere.json does not exist"):
+        evaluate.main(
+            [f"--out_dir={tmp_path}", f"--from_results={seed1}", "--studies=nowhere.json"]
+        )

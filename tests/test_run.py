@@ -32,6 +32,8 @@ def test_run_sh_quick(quick_run):
     for split in ("test_id", "ood_long", "ood_reverse", "ood_names"):
         assert split in report
     assert (out / "probe" / "probe_coin_state_event.png").stat().st_size > 0
+    # its one-seed differences beside the committed studies' (at the quick run's share, 100%)
+    assert "## What the multi-seed studies say of these differences" in report
     # one EXGRPO step up close (scripts/show_rl_step.py)
     assert "## One EXGRPO step, seen up close" in report and "Scenario A (full dialogue)" in report
 
