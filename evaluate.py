@@ -730,14 +730,13 @@ def studies_section(methods, order, splits, paths, report_dir):
     the report."""
     rows = []
     mine = {m: answers(methods[m]) for m in order}
-    pairs = report_pairs(order)
     studies = {}
     for path in paths:
         if not os.path.isfile(path):
             raise SystemExit(f"--studies: {path} does not exist (a study's committed results.json)")
         saved = json.load(open(path, encoding="utf-8"))
         studies[path] = ([Entry(**e) for e in saved["checkpoints"].values()], interim(saved))
-    for a, b in pairs:
+    for a, b in report_pairs(order):
         ci = paired_interval(mine[a], mine[b], splits)
         at = share(methods[a][0])
         for path, (entries, unfinished) in studies.items():
@@ -745,7 +744,7 @@ def studies_section(methods, order, splits, paths, report_dir):
                 e for e in entries if row_name(e.name).row == name and share(e) == at
             ]
             if ci is None or not row(a) or not row(b):
-                continue
+                continue  # no pair here, or none in this study at this share
             # in the study's own split order, so that its interval is the one its report gives
             scored = [s for s in row(a)[0].correct if all(s in e.correct for e in row(a) + row(b))]
             theirs = paired_interval(answers(row(a)), answers(row(b)), scored)
