@@ -53,8 +53,8 @@ for seed in $seeds; do
     #   core 2: vanilla SFT, then the RL cold start (it needs no student), then, once EI-SFT is
     #           done, SFT + dialogue RL + aux, then one-turn GRPO
     train="python distill_rl.py $configs --out_dir=$run --seed=$seed $resume"
-    rl="$train --stage=rl --init=$run/ckpt/sft_ei.pt"
     sft=$run/ckpt/sft_ei.pt
+    rl="$train --stage=rl --init=$sft"
     failed() { echo "run.sh: a training failed, see $run/train.log" >&2; exit 1; }  # (the trap stops the other)
     stamp "training: follow with tail -f $run/train.log"
     : > $run/train.log
@@ -82,9 +82,11 @@ done
 # the committed multi-seed studies, set beside this run's one-seed differences in its report
 studies=results/study.json,results/rl_study/report/results.json
 stamp "evaluate (linear probes alongside, log: probe.log in each run folder)"
-python evaluate.py --runs=$runs --out_dir=$out --threads=1 $splits $( [ -n "$quick" ] && echo "--max_problems=8" || echo "--max_problems=60" )
+# what both evaluate.py calls score: the splits, and the problems of each
+scored="$splits --max_problems=$( [ -n "$quick" ] && echo 8 || echo 60 )"
+python evaluate.py --runs=$runs --out_dir=$out --threads=1 $scored
 for p in $probes; do wait $p || { echo "run.sh: probe.py failed, see probe.log" >&2; exit 1; }; done
-python evaluate.py --runs=$runs --out_dir=$out --reuse=True $splits --studies=$studies $( [ -n "$quick" ] && echo "--max_problems=8" || echo "--max_problems=60" ) > /dev/null
+python evaluate.py --runs=$runs --out_dir=$out --reuse=True $scored --studies=$studies > /dev/null
 # one RL step of EXGRPO seen up close (the last seed's EI-SFT student): both scenarios' dialogues,
 # rewards, P_full and P_partial, the DSU bonus and the advantages with and without it
 { echo; echo "## One EXGRPO step, seen up close (scripts/show_rl_step.py, seed $seed)"; echo
